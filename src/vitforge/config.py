@@ -1,0 +1,438 @@
+"""Typed configuration: defaults < recipe YAML < dotted `key=value` overrides, merged by OmegaConf.
+
+Every section is a dataclass with one-line field docs; `__post_init__` rejects impossible values, OmegaConf rejects
+unknown keys and values of the wrong type. All errors become `ConfigError` with the dotted key in the message, raised
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from vitforge.errors import ConfigError
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check(key: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_demo"
+    """Registered model (`vitforge models`), or `timm:<name>` / `tv:<name>` for library backbones."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments, e.g. `model.args.depth=6`."""
+    drop_path_rate: float | None = None
+    """Stochastic depth; None keeps the model's default."""
+    pretrained: str | None = None
+    """Initial weights: a local file (.safetensors/.pth/.bin/.pt checkpoint), `hub`, or a named source."""
+
+    def __post_init__(self) -> None:
+        _check("model.name", bool(self.name), "must not be empty")
+        if self.drop_path_rate is not None:
+            _check("model.drop_path_rate", 0.0 <= self.drop_path_rate < 1.0, "must be in [0, 1)")
+
+
+@dataclass
+class AugConfig:
+    crop_padding: int = 4
+    """Random crop with this zero padding (small images on the device); 0 disables."""
+    hflip: bool = True
+    """Random horizontal flip."""
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range for large images (DataLoader path)."""
+    auto_augment: str | None = None
+    """AutoAugment policy: cifar10, imagenet or svhn."""
+    trivial_augment: bool = False
+    """TrivialAugmentWide."""
+    rand_augment: str | None = None
+    """RandAugment as `n<ops>m<magnitude>`, e.g. n2m9."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength."""
+    random_erasing: float = 0.0
+    """RandomErasing probability."""
+    repeats: int = 1
+    """Repeated augmentation: each image appears this many times per epoch with independent augmentations."""
+    backend: str = "auto"
+    """Where per-sample policies run: auto, device (batched on the training device) or workers (CPU DataLoader)."""
+
+    def __post_init__(self) -> None:
+        _check("data.aug.crop_padding", self.crop_padding >= 0, "must be >= 0")
+        _check("data.aug.rrc_scale", len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1,
+               "must be [min, max] with 0 < min <= max <= 1")
+        if self.auto_augment is not None:
+            _choice("data.aug.auto_augment", self.auto_augment, ("cifar10", "imagenet", "svhn"))
+        if self.rand_augment is not None:
+            import re
+
+            _check("data.aug.rand_augment", re.fullmatch(r"n\d+m\d+", self.rand_augment) is not None,
+                   f"{self.rand_augment!r} is not of the form n<ops>m<magnitude>, e.g. n2m9")
+        _check("data.aug.random_erasing", 0.0 <= self.random_erasing <= 1.0, "must be a probability in [0, 1]")
+        _check("data.aug.color_jitter", self.color_jitter >= 0, "must be >= 0")
+        _check("data.aug.repeats", self.repeats >= 1, "must be >= 1")
+        _choice("data.aug.backend", self.backend, ("auto", "device", "workers"))
+
+
+@dataclass
+class MixConfig:
+    mixup_alpha: float = 0.0
+    """Mixup Beta(α, α); 0 disables."""
+    cutmix_alpha: float = 0.0
+    """CutMix Beta(α, α); 0 disables."""
+    prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+    switch_prob: float = 0.5
+    """With both enabled: probability that a mixed batch uses CutMix instead of Mixup."""
+    off_epoch: int | None = None
+    """From this epoch (0-based) on, no mixing."""
+
+    def __post_init__(self) -> None:
+        _check("data.mix.mixup_alpha", self.mixup_alpha >= 0, "must be >= 0")
+        _check("data.mix.cutmix_alpha", self.cutmix_alpha >= 0, "must be >= 0")
+        _check("data.mix.prob", 0.0 <= self.prob <= 1.0, "must be a probability in [0, 1]")
+        _check("data.mix.switch_prob", 0.0 <= self.switch_prob <= 1.0, "must be a probability in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+@dataclass
+class DataConfig:
+    train: str = "digits"
+    """Training source: parquet file, ImageFolder dir, CIFAR batches dir, CSV (file,label), `digits`, `cifar10`."""
+    val: str | None = None
+    """Explicit validation source; if None, a stratified `val_split` of `train` is held out."""
+    val_split: float = 0.1
+    """Fraction (0-1) or count (>= 1) of training images held out for validation when `val` is None."""
+    split_seed: int = 0
+    """Seed of the stratified split (fixed, independent of the training seed)."""
+    extra: str | None = None
+    """Extra labelled training data appended to `train` (e.g. a pseudo-label CSV)."""
+    limit: int | None = None
+    """Use a stratified subset of this many training images (quick experiments)."""
+    img_size: int | None = None
+    """Model input size; None = the images' own size for small images, else the model's default."""
+    mean: list[float] | None = None
+    """Normalisation mean (RGB, 0-1 scale); None = computed from the training images (fast path) or ImageNet's."""
+    std: list[float] | None = None
+    """Normalisation std; None as for `mean`."""
+    interpolation: str = "bilinear"
+    """Resize interpolation: bilinear, bicubic or nearest."""
+    crop_pct: float = 1.0
+    """Evaluation: resize to img_size / crop_pct, then centre-crop img_size."""
+    batch_size: int = 128
+    """Training batch size per process (before gradient accumulation)."""
+    eval_batch_size: int | None = None
+    """Evaluation batch size; None = 2 x batch_size."""
+    num_workers: int = 2
+    """DataLoader worker processes (large-image path)."""
+    device_cache: str = "auto"
+    """Small-image fast path (decode once, keep uint8 on the device): auto (images <= 64 px), on, off."""
+    cache_dir: str | None = None
+    """Where decoded tensors are cached; None = ~/.cache/vitforge."""
+    download: bool = False
+    """Allow downloading a named dataset (cifar10/cifar100) when it is not found locally."""
+    aug: AugConfig = field(default_factory=AugConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+
+    def __post_init__(self) -> None:
+        _check("data.train", bool(self.train), "must name a dataset path")
+        _check("data.val_split", 0 <= self.val_split < 1 or float(self.val_split).is_integer(),
+               "must be a fraction in [0, 1) or a whole number of images")
+        _check("data.batch_size", self.batch_size >= 1, "must be >= 1")
+        if self.eval_batch_size is not None:
+            _check("data.eval_batch_size", self.eval_batch_size >= 1, "must be >= 1")
+        if self.limit is not None:
+            _check("data.limit", self.limit >= 2, "must be >= 2")
+        if self.img_size is not None:
+            _check("data.img_size", self.img_size >= 1, "must be >= 1")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None:
+                _check(f"data.{key}", len(v) == 3, "must have 3 values (R, G, B)")
+        if self.std is not None:
+            _check("data.std", all(s > 0 for s in self.std), "values must be > 0")
+        _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
+        _check("data.crop_pct", 0 < self.crop_pct <= 1, "must be in (0, 1]")
+        _check("data.num_workers", self.num_workers >= 0, "must be >= 0")
+        _choice("data.device_cache", self.device_cache, ("auto", "on", "off"))
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw, sgd or lamb."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay (AdamW/LAMB) or L2 (SGD)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD Nesterov momentum."""
+    no_decay_norm_bias: bool = True
+    """Exclude biases, norm weights and the model's `no_weight_decay()` names from weight decay."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay factor (fine-tuning); None disables."""
+    fused: bool | None = None
+    """Fused optimizer kernels; None = on for CUDA."""
+    sam_rho: float = 0.0
+    """Sharpness-aware minimisation radius; 0 disables SAM."""
+    sam_adaptive: bool = False
+    """Adaptive SAM (ASAM): scale the perturbation by |w|."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd", "lamb"))
+        _check("optim.lr", self.lr > 0, "must be > 0")
+        _check("optim.weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check("optim.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two values in [0, 1)")
+        _check("optim.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
+        if self.layer_decay is not None:
+            _check("optim.layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]")
+        _check("optim.sam_rho", self.sam_rho >= 0, "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """Learning-rate shape after warmup: cosine, linear or constant (evaluated per optimizer step)."""
+    warmup_epochs: float = 0.0
+    """Linear warmup length in epochs (fractions allowed)."""
+    warmup_start: float = 0.0
+    """Warmup starts at this fraction of the peak lr."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine/linear decay."""
+
+    def __post_init__(self) -> None:
+        _choice("schedule.name", self.name, ("cosine", "linear", "constant"))
+        _check("schedule.warmup_epochs", self.warmup_epochs >= 0, "must be >= 0")
+        _check("schedule.warmup_start", 0 <= self.warmup_start <= 1, "must be in [0, 1]")
+        _check("schedule.min_lr", self.min_lr >= 0, "must be >= 0")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the weights (and float buffers)."""
+    decay: float = 0.9998
+    """EMA decay (at the start of training when `decay_end` is set)."""
+    decay_end: float | None = None
+    """If set, the decay ramps linearly per epoch from `decay` to this value (seed 002: 0.995 -> 0.9995)."""
+    every: int = 1
+    """Update every this many optimizer steps."""
+    eval: bool = True
+    """Validate (and choose best.pt) with the EMA weights."""
+
+    def __post_init__(self) -> None:
+        _check("ema.decay", 0 <= self.decay < 1, "must be in [0, 1)")
+        if self.decay_end is not None:
+            _check("ema.decay_end", 0 <= self.decay_end < 1, "must be in [0, 1)")
+        _check("ema.every", self.every >= 1, "must be >= 1")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None
+    """Teacher: a registered model, `timm:<name>`, or a vitforge checkpoint/run dir. None disables distillation."""
+    kind: str = "soft"
+    """soft (KL at temperature tau) or hard (teacher argmax as label)."""
+    alpha: float = 0.5
+    """Weight of the distillation term: (1 - alpha)·CE + alpha·KD."""
+    tau: float = 1.0
+    """Soft-KD temperature."""
+    reduction: str = "batchmean"
+    """Soft-KD reduction: batchmean (Hinton) or deit (sum / numel, DeiT's legacy code)."""
+
+    def __post_init__(self) -> None:
+        _choice("distill.kind", self.kind, ("soft", "hard"))
+        _check("distill.alpha", 0 <= self.alpha <= 1, "must be in [0, 1]")
+        _check("distill.tau", self.tau > 0, "must be > 0")
+        _choice("distill.reduction", self.reduction, ("batchmean", "deit"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Training epochs."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (quick runs); None = all epochs."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    clip_grad: float | None = None
+    """Clip the global gradient norm to this value."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy targets."""
+    smoothing_off_epoch: int | None = None
+    """From this epoch (0-based) on, no label smoothing."""
+    amp: str = "auto"
+    """Mixed precision: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or off."""
+    compile: str = "off"
+    """torch.compile mode: off, default, reduce-overhead, max-autotune."""
+    channels_last: bool = False
+    """Use channels_last memory format for the model and inputs."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass (models that support it)."""
+    eval_every: int = 1
+    """Validate every this many epochs (and after the last)."""
+    early_stop: int | None = None
+    """Stop after this many validations without a new best top-1."""
+    seed: int = 0
+    """Seed for weights, augmentation and data order."""
+    device: str = "auto"
+    """auto (CUDA -> MPS -> CPU), cpu, cuda, cuda:N or mps."""
+    deterministic: bool = False
+    """Ask PyTorch for deterministic algorithms (slower on GPU)."""
+    ckpt_every_steps: int | None = None
+    """Also save last.pt every this many optimizer steps inside an epoch (long epochs)."""
+    verify_attention: bool = True
+    """Check attention shapes and softmax rows on the first step (models with hand-written attention)."""
+    head_epochs: int = 0
+    """Fine-tuning phase 1: train only the classifier head for this many epochs."""
+    head_lr: float | None = None
+    """Phase-1 learning rate; None = optim.lr."""
+    class_balance: str = "none"
+    """Imbalanced data: none, weights (inverse-frequency loss weights) or sampler (balanced sampling)."""
+
+    def __post_init__(self) -> None:
+        _check("train.epochs", self.epochs >= 1, "must be >= 1")
+        if self.max_steps is not None:
+            _check("train.max_steps", self.max_steps >= 1, "must be >= 1")
+        _check("train.grad_accum", self.grad_accum >= 1, "must be >= 1")
+        if self.clip_grad is not None:
+            _check("train.clip_grad", self.clip_grad > 0, "must be > 0")
+        _check("train.label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)")
+        _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        _choice("train.compile", self.compile, ("off", "default", "reduce-overhead", "max-autotune"))
+        _check("train.eval_every", self.eval_every >= 1, "must be >= 1")
+        if self.early_stop is not None:
+            _check("train.early_stop", self.early_stop >= 1, "must be >= 1")
+        _check("train.device", self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+               f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.ckpt_every_steps is not None:
+            _check("train.ckpt_every_steps", self.ckpt_every_steps >= 1, "must be >= 1")
+        _check("train.head_epochs", 0 <= self.head_epochs < self.epochs, "must be in [0, train.epochs)")
+        _choice("train.class_balance", self.class_balance, ("none", "weights", "sampler"))
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    """Run directory name under `dir`; None = <model>-<dataset>-<timestamp>."""
+    dir: str = "runs"
+    """Parent directory of run directories."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    wandb: str = "off"
+    """Weights & Biases logging: off, online or offline (needs the `wandb` package)."""
+    progress: str = "auto"
+    """Progress display: auto (bar on a terminal, plain lines otherwise), bar, plain or none."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _check("run.name", bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+                   f"{self.name!r} must be a plain directory name")
+        _choice("run.wandb", self.wandb, ("off", "online", "offline"))
+        _choice("run.progress", self.progress, ("auto", "bar", "plain", "none"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge defaults < recipe (YAML path or dict) < `key=value` overrides into a validated `Config`.
+
+    Raises:
+        ConfigError: unreadable recipe, unknown key, wrong type or impossible value (the message names the key).
+    """
+    base = OmegaConf.structured(Config)
+    layers = []
+    if isinstance(recipe, dict):
+        layers.append(recipe)
+    elif recipe is not None:
+        layers.append(_read_yaml(Path(recipe)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: report file and reason on one line
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, type(OmegaConf.create({}))):
+        raise ConfigError(f"recipe {path} must be a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        return f"{key}: unknown key; valid keys{' of ' + parent if parent else ''}: {', '.join(_valid_keys(parent))}"
+    msg = str(e).splitlines()[0]
+    return f"{key}: {msg}"
+
+
+def _valid_keys(parent: str) -> list[str]:
+    node: Any = Config
+    for part in filter(None, parent.split(".")):
+        types = {f.name: f.default_factory for f in dataclasses.fields(node)}  # type: ignore[arg-type]
+        factory = types.get(part)
+        if factory is None or not dataclasses.is_dataclass(factory()):
+            return []
+        node = type(factory())
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (for checkpoints and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a `Config` stored in a checkpoint (keys unknown to this version are an error naming them)."""
+    return load_config(d)
