@@ -1,3 +1,4 @@
 """Model families. Importing this package registers every model (see `vitforge.registry`)."""
 
+import vitforge.models.sclusterformer  # noqa: F401
 from vitforge.models import vit  # noqa: F401
