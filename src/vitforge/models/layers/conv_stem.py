@@ -1,0 +1,48 @@
+"""Convolutional-stem patch embedding (seed 002, ARCHITECTURES §5).
+
+A 3x3 convolution runs at full resolution before the image is cut into patches, so every patch vector already
+carries local (3x3) context: Conv3x3 (no bias) -> BatchNorm -> GELU -> p x p unfold -> Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvStemPatchEmbed(nn.Module):
+    """Conv stem + non-overlapping unfold + linear projection.
+
+    Input (B, C, H, W) -> tokens (B, N, D), N = (H/p)·(W/p) in raster order. The unfolded patch vector is
+    channel-major (c, i, j), as `torch.nn.functional.unfold` lays it out.
+
+    Args:
+        img_size: square input size.
+        patch_size: patch side p.
+        in_chans: input channels C.
+        stem_chs: output channels of the 3x3 stem convolution.
+        embed_dim: token width D.
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int = 3, stem_chs: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.conv = nn.Conv2d(in_chans, stem_chs, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(stem_chs)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(stem_chs * patch_size * patch_size, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, N, D)."""
+        H, W = x.shape[-2:]
+        if (H, W) != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} input, got {H}x{W}")
+        x = self.act(self.bn(self.conv(x)))  # (B, C_s, H, W)
+        x = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size)  # (B, C_s·p·p, N)
+        return self.proj(x.transpose(1, 2))  # (B, N, D)

@@ -1,0 +1,53 @@
+"""2-D relative position bias with special-token biases (seed 002, ARCHITECTURES §5).
+
+Attention logits over [special tokens (CLS, DIST, ...), patches] get an additive per-head bias, block by block:
+patch->patch from a Swin-style table indexed by the 2-D offset (Δrow, Δcol) with (2·gh−1)(2·gw−1) entries, and free
+learned biases for special->patch, patch->special and special<->special. Everything starts at zero, so a fresh model
+attends exactly as one without the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def relative_position_index(grid_h: int, grid_w: int) -> torch.Tensor:
+    """(P, P) long table: entry (i, j) indexes the offset of patch i relative to patch j, P = grid_h·grid_w.
+
+    idx = (Δrow + gh − 1)·(2·gw − 1) + (Δcol + gw − 1), so idx(i, j) + idx(j, i) = 2·idx(i, i) (the centre entry).
+    """
+    hh, ww = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    coords = torch.stack([hh.flatten(), ww.flatten()])  # (2, P), raster order
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, P, P): (Δrow, Δcol) of i relative to j
+    return (rel[0] + grid_h - 1) * (2 * grid_w - 1) + (rel[1] + grid_w - 1)
+
+
+class RelPosBias2d(nn.Module):
+    """Per-head additive attention bias for [special tokens, patches].
+
+    Args:
+        grid_size: patch grid (gh, gw).
+        num_heads: attention heads h.
+        num_special: tokens s placed before the patches (seed 002: CLS + DIST = 2).
+    """
+
+    def __init__(self, *, grid_size: tuple[int, int], num_heads: int, num_special: int = 0) -> None:
+        super().__init__()
+        gh, gw = grid_size
+        P, s = gh * gw, num_special
+        self.num_special = s
+        self.table = nn.Parameter(torch.zeros(num_heads, (2 * gh - 1) * (2 * gw - 1)))
+        self.special_to_patch = nn.Parameter(torch.zeros(num_heads, s, P))
+        self.patch_to_special = nn.Parameter(torch.zeros(num_heads, P, s))
+        self.special_to_special = nn.Parameter(torch.zeros(num_heads, s, s))
+        self.register_buffer("index", relative_position_index(gh, gw), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        """Returns the bias (h, s + P, s + P); rows are queries, columns keys."""
+        pp = self.table[:, self.index]  # (h, P, P)
+        if self.num_special == 0:
+            return pp
+        top = torch.cat([self.special_to_special, self.special_to_patch], dim=-1)  # (h, s, s + P)
+        bottom = torch.cat([self.patch_to_special, pp], dim=-1)  # (h, P, s + P)
+        return torch.cat([top, bottom], dim=-2)
