@@ -2,7 +2,8 @@
 
 This is the proof that our code is the standard architecture: timm builds its model (random weights, never a
 download), the converter renames its keys to ours, and both models must then produce the same logits.
-ViT and DeiT keys are already identical; CaiT's LayerScale parameters `gamma_1`/`gamma_2` become `ls1.gamma`/`ls2.gamma`.
+ViT and DeiT keys are already identical; CaiT's LayerScale parameters `gamma_1`/`gamma_2` become
+`ls1.gamma`/`ls2.gamma`.
 """
 
 from __future__ import annotations
