@@ -16,6 +16,14 @@ The official head ends in a softmax and training applies CrossEntropyLoss to it 
 switch `double_softmax` (default False: the three outputs are logits, their c-weighted sum is a logit vector for a
 normal cross-entropy; True: each output is softmaxed first, rows sum to 1, as upstream). Because the weights c,
 (1-c)/2, (1-c)/2 sum to 1, with plain logits `head(forward_head(x, pre_logits=True))` equals the logits exactly.
+
+Kept from upstream (§2.4): stochastic hard cluster assignment (dropout 0.4 on the similarities before the argmax),
+30 bands and kernel 9 in the stems, full-width fusion scale, no fusion residual, the shared head, unconstrained c.
+Differences that do not change the function: 1x1 convolutions on tokens are `nn.Linear` (same parameters), the
+deformable conv runs through torchvision, cluster attention defaults to the memory-lean `matmul` formulation
+(`cluster_impl="broadcast"` is upstream's), and `drop_path_rate` is available (0 upstream). Training-loop quirks
+(early stop on the cumulative mean loss, `drop_last` on the test split) belong to the trainer, not to this file.
+Patches for this model: `vitforge.data.hyperspectral.load_hyperspectral`.
 """
 
 from __future__ import annotations
