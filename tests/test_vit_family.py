@@ -16,6 +16,7 @@ from vitforge.models.convert import from_timm, load_timm_state_dict
 from vitforge.models.layers import Attention, drop_path_rates, set_attention_impl
 from vitforge.models.layers.class_attention import ClassAttention, ClassAttentionBlock, ClassTokenBlock
 from vitforge.models.layers.rel_pos_bias import RelPosBias2d, relative_position_index
+from vitforge.models.vit import VisionTransformer
 from vitforge.registry import create_model, list_models, model_factory
 
 FAMILY_MODULES = {"vitforge.models.vit", "vitforge.models.deit", "vitforge.models.cait", "vitforge.models.cct"}
@@ -219,6 +220,22 @@ def test_distilled_no_deit_tokens_share_weight_decay_exemption():
 
 
 # ---- seed layouts -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pos", ["learned", "sincos", "none"])
+def test_pos_embed_kinds_and_mean_of_cls_tokens(pos):
+    torch.manual_seed(0)
+    tiny = dict(img_size=8, patch_size=2, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    model = VisionTransformer(**tiny, num_cls_tokens=3, cls_combine="mean", pos_embed=pos).eval()
+    base = n_params(VisionTransformer(**tiny, num_cls_tokens=3, cls_combine="mean", pos_embed="none"))
+    assert n_params(model) - base == (19 * 16 if pos == "learned" else 0)
+    if pos == "sincos":
+        assert model.pos_embed.shape == (1, 19, 16) and torch.count_nonzero(model.pos_embed[0, :3]) == 0
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert torch.allclose(model(x), model.head(feats[:, :3].mean(dim=1)), atol=1e-6)
+    assert model.head.in_features == 16
+
+
 def test_rel_pos_index_symmetry_and_centre():
     idx = relative_position_index(8, 8)
     centre = (8 - 1) * (2 * 8 - 1) + (8 - 1)
