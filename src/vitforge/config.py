@@ -202,7 +202,8 @@ class OptimConfig:
         _choice("optim.name", self.name, ("adamw", "sgd", "lamb"))
         _check("optim.lr", self.lr > 0, "must be > 0")
         _check("optim.weight_decay", self.weight_decay >= 0, "must be >= 0")
-        _check("optim.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two values in [0, 1)")
+        _check("optim.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "must be two values in [0, 1)")
         _check("optim.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
         if self.layer_decay is not None:
             _check("optim.layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]")
@@ -237,6 +238,8 @@ class EmaConfig:
     """If set, the decay ramps linearly per epoch from `decay` to this value (seed 002: 0.995 -> 0.9995)."""
     every: int = 1
     """Update every this many optimizer steps."""
+    warmup: bool = True
+    """Use min(decay, (1 + n)/(10 + n)) for the n-th update so short runs are not dominated by the initial weights."""
     eval: bool = True
     """Validate (and choose best.pt) with the EMA weights."""
 

@@ -1,0 +1,246 @@
+"""Command line: a table of verbs, each a thin wrapper around a library function.
+
+Bad input (`VitforgeError`) prints one line `vitforge: error: ...` and exits with status 2; `--debug` shows the
+traceback instead. Ctrl-C during training saves the run and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from vitforge.errors import VitforgeError
+
+
+@dataclass(frozen=True)
+class Verb:
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- train / demo ----------------------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe YAML (omit with --resume)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--resume", metavar="RUN", help="continue a run directory (or its last.pt)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and data, print it, train nothing")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from vitforge.config import load_config, to_yaml
+    from vitforge.train.trainer import Trainer
+
+    recipe, overrides = a.recipe, list(a.overrides)
+    if recipe and "=" in recipe and not Path(recipe).exists():
+        recipe, overrides = None, [recipe, *overrides]
+    if a.resume:
+        if recipe:
+            raise VitforgeError(f"give either a recipe or --resume, not both (got {recipe})")
+        return _fit(Trainer(resume=a.resume, overrides=overrides))
+    if recipe is None:
+        raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml) or --resume RUN")
+    cfg = load_config(recipe, overrides)
+    if a.dry_run:
+        from vitforge.data import open_data
+
+        data = open_data(cfg.data)
+        print(to_yaml(cfg))
+        print(f"# data: {len(data.train)} train / {len(data.val) if data.val else 0} val images, "
+              f"{len(data.classes)} classes")
+        return 0
+    return _fit(Trainer(cfg))
+
+
+def _fit(trainer) -> int:
+    trainer.fit()
+    return 130 if getattr(trainer, "interrupted", False) else 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
+
+
+def _run_demo(a: argparse.Namespace) -> int:
+    import time
+
+    from vitforge.config import load_config
+    from vitforge.train.trainer import Trainer
+
+    recipe = files("vitforge") / "recipes" / "demo.yaml"
+    cfg = load_config(str(recipe), a.overrides)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    run = trainer.fit()
+    secs = time.perf_counter() - t0
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    best = summary.get("best_val_top1")
+    print(f"demo finished in {secs:.1f} s: best validation top-1 {best:.2f}% "
+          f"({summary.get('val_images')} held-out digits), run directory {run}" if best is not None else
+          f"demo stopped after {secs:.1f} s; run directory {run}")
+    return 130 if getattr(trainer, "interrupted", False) else 0
+
+
+# ---- eval / predict ----------------------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--data", required=True, help="labelled dataset (same formats as data.train)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from vitforge.inference import evaluate_checkpoint
+
+    m = evaluate_checkpoint(a.checkpoint, a.data, batch_size=a.batch_size, device=a.device)
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"{m['model']} on {a.data}: {m['n']} images  loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  "
+          f"top-5 {m['top5']:.2f}%")
+    for name, acc in m["per_class_top1"].items():
+        print(f"  {name:>20s}  {acc:6.2f}%" if acc is not None else f"  {name:>20s}     n/a")
+    if m["unreadable"]:
+        print(f"  ({len(m['unreadable'])} unreadable image(s) skipped, e.g. {m['unreadable'][0]})")
+    return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+def _run_predict(a: argparse.Namespace) -> int:
+    from vitforge.inference import predict_images, write_predictions_csv
+
+    if Path(a.out).exists() and not a.overwrite:
+        raise VitforgeError(f"--out {a.out} already exists; pass --overwrite to replace it")
+    pred = predict_images(a.checkpoint, a.images, batch_size=a.batch_size, device=a.device)
+    path = write_predictions_csv(pred, a.out, overwrite=a.overwrite)
+    msg = f"wrote {len(pred['ids'])} predictions to {path}"
+    if pred["unreadable"]:
+        msg += f" ({len(pred['unreadable'])} unreadable image(s) skipped, e.g. {pred['unreadable'][0]})"
+    print(msg)
+    return 0
+
+
+# ---- models / info ------------------------------------------------------------------------------------------------------
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit*'")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_models(a: argparse.Namespace) -> int:
+    from vitforge.inspect import model_table
+
+    rows = model_table(a.pattern)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:32s} {r['params']:>14,}")
+    return 0
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="registered model name")
+    p.add_argument("overrides", nargs="*", help="constructor arguments, e.g. num_classes=10 img_size=64")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_info(a: argparse.Namespace) -> int:
+    from vitforge.inspect import model_info
+
+    info = model_info(a.model, a.overrides)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']}: {info['params']:,} parameters ({info['trainable_params']:,} trainable), "
+          f"input {tuple(info['input_shape'])}")
+    for s in info["stages"]:
+        print(f"  {s['name']:24s} {str(tuple(s['output_shape'])):24s} {s['params']:>12,}")
+    return 0
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="registered model name")
+    p.add_argument("overrides", nargs="*", help="constructor arguments, e.g. depth=4")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+
+
+def _run_verify(a: argparse.Namespace) -> int:
+    from vitforge.eval.verify import run_verify_attention
+    from vitforge.inspect import parse_kwargs
+
+    report = run_verify_attention(a.model, batch_size=a.batch_size, model_args=parse_kwargs(a.overrides))
+    if a.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for b in report["blocks"]:
+            mark = "ok" if b["ok"] else "FAIL"
+            print(f"{b['name']:28s} Q{tuple(b['Q'])} K{tuple(b['K'])} V{tuple(b['V'])} A{tuple(b['A'])} "
+                  f"O{tuple(b['O'])}  max|sum-1|={b['softmax_max_err']:.1e}  {mark}")
+        if report.get("note"):
+            print(report["note"])
+        print("attention check passed" if report["ok"] else "attention check FAILED")
+    return 0 if report["ok"] else 1
+
+
+VERBS: dict[str, Verb] = {
+    "train": Verb("train a model from a recipe (or resume a run)", _train_args, _run_train),
+    "demo": Verb("train a small ViT on the bundled digits (about a minute on a laptop CPU)", _demo_args, _run_demo),
+    "eval": Verb("evaluate a checkpoint on a labelled dataset", _eval_args, _run_eval),
+    "predict": Verb("predict a folder of images into a CSV", _predict_args, _run_predict),
+    "models": Verb("list registered models with parameter counts", _models_args, _run_models),
+    "info": Verb("parameters and per-stage output shapes of a model", _info_args, _run_info),
+    "verify-attention": Verb("check attention shapes and softmax rows of a model", _verify_args, _run_verify),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitforge", description="Train, evaluate and export vision transformers.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for name, verb in VERBS.items():
+        p = sub.add_parser(name, help=verb.help, description=verb.help)
+        verb.add_args(p)
+    return parser
+
+
+def _version() -> str:
+    from vitforge import __version__
+
+    return f"vitforge {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if args.debug else logging.WARNING)  # run logs go to train.log at INFO
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[console])
+    logging.getLogger("vitforge").setLevel(logging.INFO)
+    try:
+        return VERBS[args.verb].run(args)
+    except VitforgeError as e:
+        if args.debug:
+            raise
+        print(f"vitforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitforge: interrupted", file=sys.stderr)
+        return 130

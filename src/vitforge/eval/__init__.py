@@ -1,0 +1,1 @@
+"""Evaluation: metrics, attention verification, TTA, ensembles, reports."""

@@ -1,0 +1,66 @@
+"""Run a model over an evaluation stream and compute loss / top-k / per-class accuracy (correct under DDP)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitforge.train.distributed import gather_cat
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, stream, *, autocast=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, K) float32, labels (N,), idx (N,)) over the whole stream, gathered from every rank.
+
+    A model that returns several heads in eval mode is averaged (DeiT convention); models are put in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    outs, labels, idxs = [], [], []
+    ctx = autocast or contextlib.nullcontext
+    for x, y, idx in stream:
+        with ctx():
+            out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = torch.stack([o.float() for o in out]).mean(0)
+        outs.append(out.float())
+        labels.append(y)
+        idxs.append(idx)
+    model.train(was_training)
+    dev = next(iter(model.parameters())).device
+    logits = torch.cat(outs) if outs else torch.zeros(0, 0, device=dev)
+    lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
+    idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long, device=dev)
+    return gather_cat(logits), gather_cat(lab), gather_cat(idx)
+
+
+def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """loss, top1, top5 (percent), per-class accuracy; labels < 0 (unlabeled) are ignored."""
+    keep = labels >= 0
+    logits, labels = logits[keep], labels[keep]
+    n = labels.numel()
+    if n == 0:
+        return {"n": 0}
+    loss = F.cross_entropy(logits, labels).item()
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit1 = top[:, 0] == labels
+    hitk = (top == labels[:, None]).any(dim=1)
+    per_class = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, hit1.float())
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    acc = (per_class / counts.clamp(min=1) * 100).tolist()
+    return {
+        "n": n,
+        "loss": loss,
+        "top1": hit1.float().mean().item() * 100,
+        "top5": hitk.float().mean().item() * 100,
+        "per_class_top1": [a if c > 0 else None for a, c in zip(acc, counts.tolist(), strict=True)],
+    }
+
+
+def evaluate(model: nn.Module, stream, num_classes: int, *, autocast=None) -> dict:
+    logits, labels, _ = collect_logits(model, stream, autocast=autocast)
+    return topk_metrics(logits, labels, num_classes)

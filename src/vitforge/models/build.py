@@ -1,0 +1,39 @@
+"""Build the model a config describes (and rebuild it from a checkpoint)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from vitforge.config import Config
+from vitforge.registry import create_model
+
+
+def model_kwargs(cfg: Config, *, num_classes: int) -> dict:
+    """Constructor arguments implied by the config: model.args + classes + input size + drop path."""
+    kwargs = dict(cfg.model.args)
+    kwargs["num_classes"] = num_classes
+    if cfg.data.img_size is not None:
+        kwargs.setdefault("img_size", cfg.data.img_size)
+    if cfg.model.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.model.drop_path_rate
+    return kwargs
+
+
+def build_model(name: str, kwargs: dict) -> nn.Module:
+    """`create_model` plus the name and arguments recorded on the module (checkpoints store both)."""
+    model = create_model(name, **kwargs)
+    model.vitforge_name = name  # type: ignore[attr-defined]
+    model.vitforge_kwargs = dict(kwargs)  # type: ignore[attr-defined]
+    return model
+
+
+def model_input_cfg(model: nn.Module) -> dict:
+    """The model's preprocessing hints (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`) if it has them."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return dict(cfg)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,1 @@
+"""Training: the loop, losses, optimizers and schedules, EMA, SAM, distillation, distributed helpers."""

@@ -1,0 +1,154 @@
+"""The run directory (the contract between commands) and what is written into it.
+
+    runs/<name>/config.yaml  metrics.jsonl  events/ (TensorBoard)  checkpoints/{last,best}.pt  summary.json  train.log
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vitforge.config import Config, to_yaml
+from vitforge.errors import ConfigError
+
+log = logging.getLogger("vitforge")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.ckpt_dir = path / "checkpoints"
+        self.last = self.ckpt_dir / "last.pt"
+        self.best = self.ckpt_dir / "best.pt"
+        self.metrics = path / "metrics.jsonl"
+        self.summary = path / "summary.json"
+        self.config = path / "config.yaml"
+
+    @classmethod
+    def create(cls, cfg: Config, *, dataset_name: str) -> RunDir:
+        """A new run directory. An existing one with a checkpoint is never reused (nothing is overwritten)."""
+        name = cfg.run.name or default_name(cfg.model.name, dataset_name)
+        path = Path(cfg.run.dir) / name
+        run = cls(path)
+        if run.last.exists() or run.best.exists():
+            raise ConfigError(f"run.name: {path} already holds a run; continue it with `vitforge train --resume {path}`"
+                              f" or choose another run.name")
+        path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def write_config(self, cfg: Config) -> None:
+        self.config.write_text(to_yaml(cfg))
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, keep_before_epoch: int) -> None:
+        """On resume: drop lines of epochs that are about to be run again."""
+        if not self.metrics.exists():
+            return
+        lines = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("epoch", -1) < keep_before_epoch]
+        self.metrics.write_text("".join(ln + "\n" for ln in kept))
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(ln) for ln in self.metrics.read_text().splitlines() if ln.strip()]
+
+    def write_summary(self, summary: dict) -> None:
+        self.summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def default_name(model: str, dataset: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = Path(dataset.split(":")[0].rstrip("/")).stem or "data"
+    return f"{model.replace(':', '-').replace('/', '-')}-{stem}-{stamp}"
+
+
+def setup_file_logging(run: RunDir) -> logging.Handler:
+    handler = logging.FileHandler(run.path / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("vitforge").addHandler(handler)
+    return handler
+
+
+class Progress:
+    """Batches and epochs: a tqdm bar on a terminal, plain lines otherwise (or nothing)."""
+
+    def __init__(self, mode: str, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "plain"
+        self.mode = mode if enabled else "none"
+        self.bar = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n: int, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def end_epoch(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.mode != "none":
+            print(line, file=sys.stderr, flush=True)
+
+    def message(self, line: str) -> None:
+        if self.mode != "none":
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+
+class Trackers:
+    """TensorBoard (and optionally Weights & Biases) scalars, written on rank 0 only."""
+
+    def __init__(self, run: RunDir, cfg: Config, enabled: bool):
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run.path / "events"))
+        if cfg.run.wandb != "off":
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("run.wandb: the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project="vitforge", name=run.path.name, dir=str(run.path), mode=cfg.run.wandb,
+                                    config=json.loads(json.dumps(_plain(cfg))), resume="allow")
+
+    def scalars(self, values: dict, step: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and v == v:
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(cfg: Config) -> dict:
+    from vitforge.config import to_dict
+
+    return to_dict(cfg)
