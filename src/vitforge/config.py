@@ -302,6 +302,8 @@ class TrainConfig:
     """auto (CUDA -> MPS -> CPU), cpu, cuda, cuda:N or mps."""
     deterministic: bool = False
     """Ask PyTorch for deterministic algorithms (slower on GPU)."""
+    threads: int | None = None
+    """CPU intra-op threads (torch.set_num_threads); None keeps PyTorch's default."""
     ckpt_every_steps: int | None = None
     """Also save last.pt every this many optimizer steps inside an epoch (long epochs)."""
     verify_attention: bool = True
@@ -328,6 +330,8 @@ class TrainConfig:
             _check("train.early_stop", self.early_stop >= 1, "must be >= 1")
         _check("train.device", self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.threads is not None:
+            _check("train.threads", self.threads >= 1, "must be >= 1")
         if self.ckpt_every_steps is not None:
             _check("train.ckpt_every_steps", self.ckpt_every_steps >= 1, "must be >= 1")
         _check("train.head_epochs", 0 <= self.head_epochs < self.epochs, "must be in [0, train.epochs)")
@@ -396,13 +400,17 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
 
 
 def _read_yaml(path: Path) -> Any:
+    import yaml
+
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and friends: report file and reason on one line
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, type(OmegaConf.create({}))):
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections ({', '.join(SECTIONS)})")
     return data
 

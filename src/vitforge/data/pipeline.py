@@ -153,6 +153,9 @@ def decode_split(split: Split, *, size: int | None, device: torch.device, cache_
     rows = pos[split.indices]
     rows = rows[rows >= 0]
     keep_src = dec.keep[rows]
+    if len(rows) == 0:
+        raise DataError(f"{split.source.origin}: no decodable images ({len(dec.bad)} unreadable, e.g. "
+                        f"{dec.bad[0] if dec.bad else 'none'})")
     images = dec.images[torch.from_numpy(rows)].to(device)
     labels = torch.from_numpy(split.labels[keep_src]).to(device)
     bad_here = [b for b in dec.bad if b]  # names of every undecodable item of the source
@@ -235,6 +238,18 @@ class StreamOptions:
     cache_dir: Path | None = None
 
 
+def readable_items(split: Split) -> tuple[Split, list[str]]:
+    """Drop files whose header cannot be read (named in the returned list); sources in memory pass unchanged."""
+    src = split.source
+    if not isinstance(src, FileListSource):
+        return split, []
+    ok = np.array([image_size(src.files[i]) is not None for i in split.indices], dtype=bool)
+    bad = [f"{src.ids[i]}: cannot decode image" for i in split.indices[~ok]]
+    if not ok.any():
+        raise DataError(f"{src.origin}: no decodable images ({len(bad)} unreadable, e.g. {bad[0]})")
+    return Split(src, split.indices[ok], split.labels), bad
+
+
 def use_device_cache(split: Split, mode: str) -> bool:
     return mode == "on" or (mode == "auto" and is_small(split.source))
 
@@ -249,6 +264,7 @@ def build_eval_stream(split: Split, pre: Preprocess, opt: StreamOptions) -> Eval
         stream = EvalStream(loader, pre, c.ids, opt.device)
         stream.decode_bad = c.bad
         return stream
+    split, bad = readable_items(split)
     src = split.source
     ds = SampleDataset(lambda i: src.load(int(split.indices[i])), split.labels[split.indices],
                        eval_transform(pre.img_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation),
@@ -256,7 +272,7 @@ def build_eval_stream(split: Split, pre: Preprocess, opt: StreamOptions) -> Eval
     loader = WorkerLoader(ds, opt.batch_size, train=False, num_workers=opt.num_workers, device=opt.device,
                           rank=opt.rank, world=opt.world)
     stream = EvalStream(loader, pre, ds.ids, opt.device)
-    stream.decode_bad = []
+    stream.decode_bad = bad
     return stream
 
 
@@ -293,11 +309,11 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
                            interpolation=pre.interpolation), c.ids, size=pre.img_size, replace_bad=True)
         bad = c.bad
     else:
+        split, bad = readable_items(split)
         src = split.source
         ds = SampleDataset(lambda i: src.load(int(split.indices[i])), split.labels[split.indices],
                            train_transform(pre.img_size, aug, small=False, interpolation=pre.interpolation),
                            [src.ids[i] for i in split.indices], size=pre.img_size, replace_bad=True)
-        bad = []
     if not small:
         common["weights"] = balanced_weights(ds.labels) if balanced else None
     loader = WorkerLoader(ds, opt.batch_size, num_workers=opt.num_workers, device=opt.device, **common)

@@ -86,6 +86,8 @@ class Trainer:
     # ---- setup ------------------------------------------------------------------------------------------------------
     def _setup(self, ckpt: dict | None) -> None:
         cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
