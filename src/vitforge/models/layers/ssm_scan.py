@@ -184,7 +184,11 @@ def _states_doubling(log_a: torch.Tensor, bu: torch.Tensor) -> torch.Tensor:
 
 
 def _doubling(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """All prefix states of h_t = a_t h_{t-1} + b_t along `dim` (h_{-1} = 0) in ceil(log2 L) steps."""
+    """All prefix states of h_t = a_t h_{t-1} + b_t along `dim` (h_{-1} = 0) in ceil(log2 L) steps.
+
+    The step count is a Python loop over L, so a traced/exported graph is specific to L. In MambaVision L is the window
+    area (ws²), fixed by the model whatever the input size or batch, so the TracerWarning on export is harmless.
+    """
     L = b.shape[dim]
     k = 1
     while k < L:
