@@ -154,6 +154,17 @@ def test_t_shapes_per_level(hw, trace):
     assert shapes["avgpool"] == (2, 640, 1, 1) and shapes["head"] == (2, 1000)
 
 
+def test_vitforge_info_reports_the_stage_shapes_of_t():
+    """`vitforge info mambavision_t` (library side): the §1.1 trace, levels reported after their downsample."""
+    from vitforge.inspect import model_info
+
+    info = model_info("mambavision_t")
+    shapes = {s["name"]: tuple(s["output_shape"]) for s in info["stages"]}
+    assert info["params"] == 31_794_248
+    assert [shapes[n] for n in ("patch_embed", "levels.0", "levels.1", "levels.2", "levels.3", "norm", "head")] == [
+        (1, 80, 56, 56), (1, 160, 28, 28), (1, 320, 14, 14), (1, 640, 7, 7), (1, 640, 7, 7), (1, 640, 7, 7), (1, 1000)]
+
+
 @pytest.mark.parametrize("hw", [(32, 32), (40, 24), (17, 45)])
 def test_small_model_runs_at_any_size(hw):
     m = tiny_model()

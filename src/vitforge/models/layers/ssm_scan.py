@@ -9,7 +9,8 @@ u, δ: (B, D, L), A: (D, N) real, B/C: (D, N) constant, (B, N, L) selective or (
 
 Forms (identical results up to rounding; tests hold them to 1e-10 in float64):
 
-* `loop`: the sequential reference, one step per token. Short autograd graphs, slow for long L.
+* `loop`: the sequential reference, one step per token: the cheapest forward on CPU (small, cache-resident steps),
+  but an autograd graph of L steps and L kernel launches per op on a GPU.
 * `chunked`: segment sums. Within a chunk of T tokens h_t = e^{S_t} h_in + Σ_{τ≤t} e^{S_t − S_τ} δ_τ B_τ u_τ with
   S the inclusive cumsum of δA; the T x T weights are masked to −inf *before* exp (exp of the positive upper
   triangle overflows and turns gradients through a `where` into NaN). Chunk-entry states are carried by a short
@@ -33,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "loop", "chunked", "doubling", "cuda")
-PURE_IMPLS = ("loop", "chunked", "doubling")
 DEFAULT_CHUNK = 16
 
 
@@ -125,7 +125,7 @@ def _run(states: Callable, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     if A.is_complex():
         raise ValueError("selective scan: complex A is not supported (MambaVision and Mamba-1 vision use real A)")
     dtype = torch.promote_types(u.dtype, torch.float32)  # fp16/bf16/fp32 -> fp32, fp64 stays fp64
-    Bdim, Dch, L = u.shape
+    _, Dch, L = u.shape
     uf, dt = u.to(dtype), delta.to(dtype)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dtype)[:, None]
