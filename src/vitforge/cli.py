@@ -44,8 +44,9 @@ def _run_train(a: argparse.Namespace) -> int:
         if recipe:
             raise VitforgeError(f"give either a recipe or --resume, not both (got {recipe})")
         return _fit(Trainer(resume=a.resume, overrides=overrides))
-    if recipe is None:
-        raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml) or --resume RUN")
+    if recipe is None and not overrides:
+        raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml), key=value overrides, "
+                            "or --resume RUN")
     cfg = load_config(recipe, overrides)
     if a.dry_run:
         from vitforge.data import open_data
@@ -87,52 +88,107 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 130 if getattr(trainer, "interrupted", False) else 0
 
 
-# ---- eval / predict ----------------------------------------------------------------------------------------------------
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--data", required=True, help="labelled dataset (same formats as data.train)")
+# ---- eval / predict / report / export -------------------------------------------------------------------------------
+TTA_HELP = "test-time augmentation: none, flip (2 views), flip-shift (6), saccadic12 (12)"
+
+
+def _model_set_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT_OR_RUN",
+                   help="checkpoint files or run directories; several form an ensemble (probabilities averaged)")
+    p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per checkpoint")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _model_set_args(p)
+    p.add_argument("--data", required=True, help="labelled dataset (same formats as data.train)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _run_eval(a: argparse.Namespace) -> int:
-    from vitforge.inference import evaluate_checkpoint
+    from vitforge.eval.ensemble import evaluate_ensemble, format_eval
 
-    m = evaluate_checkpoint(a.checkpoint, a.data, batch_size=a.batch_size, device=a.device)
-    if a.json:
-        print(json.dumps(m, indent=2))
-        return 0
-    print(f"{m['model']} on {a.data}: {m['n']} images  loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  "
-          f"top-5 {m['top5']:.2f}%")
-    for name, acc in m["per_class_top1"].items():
-        print(f"  {name:>20s}  {acc:6.2f}%" if acc is not None else f"  {name:>20s}     n/a")
-    if m["unreadable"]:
-        print(f"  ({len(m['unreadable'])} unreadable image(s) skipped, e.g. {m['unreadable'][0]})")
+    m = evaluate_ensemble(a.checkpoints, a.data, tta=a.tta, weights=a.weights, batch_size=a.batch_size,
+                          device=a.device)
+    print(json.dumps(m, indent=2) if a.json else format_eval(m))
     return 0
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    from vitforge.eval.submission import ID_FROM, LABEL_AS
+
+    _model_set_args(p)
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    g = p.add_argument_group("CSV layout (default: file,pred,prob_<class>...)")
+    g.add_argument("--kaggle", action="store_true", help="start from the id,label layout (id = file name stem)")
+    g.add_argument("--id-column", help="header of the id column")
+    g.add_argument("--id-from", choices=ID_FROM, help="id = relative path, file name, or file name stem")
+    g.add_argument("--label-column", help="header of the predicted-class column ('' = no label column)")
+    g.add_argument("--label-as", choices=LABEL_AS, help="write the class name or its index")
+    g.add_argument("--probs", action=argparse.BooleanOptionalAction, default=None,
+                   help="one probability column per class")
+    g.add_argument("--prob-prefix", help="probability column = prefix + class name ('' = class names)")
 
 
 def _run_predict(a: argparse.Namespace) -> int:
-    from vitforge.inference import predict_images, write_predictions_csv
+    from vitforge.eval.ensemble import predict_ensemble
+    from vitforge.eval.submission import format_from_args, write_submission
 
+    fmt = format_from_args(kaggle=a.kaggle, id_column=a.id_column, id_from=a.id_from, label_column=a.label_column,
+                           label_as=a.label_as, probs=a.probs, prob_prefix=a.prob_prefix)
     if Path(a.out).exists() and not a.overwrite:
         raise VitforgeError(f"--out {a.out} already exists; pass --overwrite to replace it")
-    pred = predict_images(a.checkpoint, a.images, batch_size=a.batch_size, device=a.device)
-    path = write_predictions_csv(pred, a.out, overwrite=a.overwrite)
-    msg = f"wrote {len(pred['ids'])} predictions to {path}"
+    pred = predict_ensemble(a.checkpoints, a.images, tta=a.tta, weights=a.weights, batch_size=a.batch_size,
+                            device=a.device)
+    path = write_submission(pred, a.out, fmt, overwrite=a.overwrite)
+    msg = f"wrote {len(pred['ids'])} predictions ({' + '.join(pred['models'])}, tta {a.tta}) to {path}"
     if pred["unreadable"]:
         msg += f" ({len(pred['unreadable'])} unreadable image(s) skipped, e.g. {pred['unreadable'][0]})"
     print(msg)
     return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", help="labelled dataset to evaluate on (default: the run's own held-out split)")
+    p.add_argument("--tta", default="flip-shift", help=f"{TTA_HELP}, compared with no TTA (default flip-shift)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+def _run_report(a: argparse.Namespace) -> int:
+    from vitforge.eval.report import build_report
+
+    page = build_report(a.run, data=a.data, tta=a.tta, batch_size=a.batch_size, device=a.device)
+    print(f"wrote {page}")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from vitforge.export import FORMATS
+
+    p.add_argument("checkpoint", metavar="CKPT_OR_RUN", help="checkpoint file or run directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", help="output file (default: RUN/export/model.<ext>, or next to the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest |logit difference| accepted by the parity check")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_export(a: argparse.Namespace) -> int:
+    from vitforge.export import export_checkpoint
+
+    r = export_checkpoint(a.checkpoint, a.format, a.out, overwrite=a.overwrite, tol=a.tol)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"wrote {', '.join(r['files'])}\nparity ({r['check']}): max |delta| {r['max_abs_diff']:.3e} "
+              f"(tolerance {r['tol']:.0e}) -> {'ok' if r['ok'] else 'FAILED'}")
+    return 0 if r["ok"] else 1
 
 
 # ---- models / info ------------------------------------------------------------------------------------------------------
@@ -201,8 +257,14 @@ def _run_verify(a: argparse.Namespace) -> int:
 VERBS: dict[str, Verb] = {
     "train": Verb("train a model from a recipe (or resume a run)", _train_args, _run_train),
     "demo": Verb("train a small ViT on the bundled digits (about a minute on a laptop CPU)", _demo_args, _run_demo),
-    "eval": Verb("evaluate a checkpoint on a labelled dataset", _eval_args, _run_eval),
-    "predict": Verb("predict a folder of images into a CSV", _predict_args, _run_predict),
+    "eval": Verb("evaluate a checkpoint (or an ensemble) on a labelled dataset, optionally with TTA", _eval_args,
+                 _run_eval),
+    "predict": Verb("predict a folder of images into a CSV (one model or an ensemble; submission layouts)",
+                    _predict_args, _run_predict),
+    "report": Verb("write RUN/report/index.html: curves, confusion, calibration, predictions, TTA", _report_args,
+                   _run_report),
+    "export": Verb("export a checkpoint to safetensors, ONNX or TorchScript with a parity check", _export_args,
+                   _run_export),
     "models": Verb("list registered models with parameter counts", _models_args, _run_models),
     "info": Verb("parameters and per-stage output shapes of a model", _info_args, _run_info),
     "verify-attention": Verb("check attention shapes and softmax rows of a model", _verify_args, _run_verify),

@@ -105,8 +105,9 @@ class Progress:
         if self.mode != "none":
             print(line, file=sys.stderr, flush=True)
 
-    def message(self, line: str) -> None:
-        if self.mode != "none":
+    def message(self, line: str, always: bool = False) -> None:
+        """Print a line (between bar updates); `always` prints even with progress off (e.g. how to resume)."""
+        if self.mode != "none" or always:
             if self.bar is not None:
                 self.bar.write(line, file=sys.stderr)
             else:

@@ -28,6 +28,7 @@ from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, 
 from vitforge.data.pipeline import use_device_cache
 from vitforge.errors import ConfigError
 from vitforge.eval.evaluate import evaluate
+from vitforge.models.backbones import classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
 from vitforge.train import distributed as D
 from vitforge.train import sam
@@ -96,9 +97,7 @@ class Trainer:
         kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(cfg, num_classes=len(self.classes))
         self.model = build_model(cfg.model.name, kwargs)
         if cfg.model.pretrained and not ckpt:
-            from vitforge.models.pretrained import load_pretrained
-
-            load_pretrained(self.model, cfg.model.pretrained)
+            load_initial_weights(self.model, cfg.model.pretrained)  # hub, named source or local file
         self.params = count_params(self.model)
         small = use_device_cache(self.data.train, cfg.data.device_cache)
         self.pre = resolve_preprocess(cfg.data, self.data.train, model_input_cfg(self.model),
@@ -142,7 +141,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if cfg.train.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
-        self.groups = param_groups(self.model, cfg.optim)
+        decay = layer_decay_ids(self.model) if cfg.optim.layer_decay else (None, None)
+        self.groups = param_groups(self.model, cfg.optim, *decay)
         self.optimizer = build_optimizer(self.groups, cfg.optim, self.device)
         self.amp_dtype = _amp_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
@@ -202,8 +202,11 @@ class Trainer:
             self._epochs()
         except StopRequested:
             self._save_last()
-            self.progress.message(f"stopped at epoch {self.state.epoch + 1}, batch {self.state.batch}; "
-                                  f"resume with: vitforge train --resume {self.run.path}")
+            note = (f"stopped at epoch {self.state.epoch + 1}, batch {self.state.batch}; "
+                    f"resume with: vitforge train --resume {self.run.path}")
+            log.info(note)
+            if self.dist.main:
+                self.progress.message(note, always=True)
             self.interrupted = True
         finally:
             _restore_signal_handlers(old)
@@ -239,7 +242,7 @@ class Trainer:
         self.progress.start_epoch(st.epoch, cfg.train.epochs, len(self.train_stream), st.batch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._loss_acc = torch.zeros((), device=self.device)  # summed loss·batch not yet read back (no sync/step)
+        self._loss_acc = torch.zeros((), device=self.device, dtype=torch.float64)  # summed loss·batch not yet read back (no sync/step)
         window: list = []
         for x, y, _ in self.train_stream:
             window.append((x, y))
@@ -294,7 +297,7 @@ class Trainer:
         return loss_sum
 
     def _forward_backward(self, window: list) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
         n = len(window)
         for i, (x, y) in enumerate(window):
             if self.cfg.train.channels_last:
@@ -310,7 +313,7 @@ class Trainer:
                     loss = self.criterion(out, y, x)
                 scaled = loss / n
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total += loss.detach().float() * x.shape[0]
+            total += loss.detach().double() * x.shape[0]
         return total
 
     def _after_step(self) -> None:
@@ -357,8 +360,9 @@ class Trainer:
         if not self.cfg.train.head_epochs:
             return
         head_only = epoch < self.cfg.train.head_epochs
+        heads = HEAD_NAMES + classifier_names(self.raw_model)  # library backbones name their own classifier
         for name, p in self.raw_model.named_parameters():
-            p.requires_grad_(not head_only or name.split(".")[0] in HEAD_NAMES)
+            p.requires_grad_(not head_only or name.split(".")[0] in heads)
 
     def _first_step_checks(self, x: torch.Tensor) -> None:
         if not (self.cfg.train.verify_attention and self.dist.main):
