@@ -1,5 +1,6 @@
 """Model families. Importing this package registers every model (see `vitforge.registry`)."""
 
+import vitforge.models.backbones  # noqa: F401
 import vitforge.models.cait  # noqa: F401
 import vitforge.models.cct  # noqa: F401
 import vitforge.models.deit  # noqa: F401
