@@ -290,7 +290,11 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after options (`train r.yaml --dry-run optim.lr=1e-3`)
+        if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     console = logging.StreamHandler()
     console.setLevel(logging.INFO if args.debug else logging.WARNING)  # run logs go to train.log at INFO
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vitforge.checkpoint import load_model
 from vitforge.data.pipeline import Preprocess, Split, StreamOptions, build_eval_stream
-from vitforge.data.sources import check_same_classes, open_source
-from vitforge.errors import DataError, VitforgeError
-from vitforge.eval.evaluate import collect_logits, topk_metrics
+from vitforge.data.sources import check_same_classes, default_cache_dir, open_source
+from vitforge.errors import DataError
 from vitforge.train.distributed import DistInfo, pick_device
 
 log = logging.getLogger("vitforge")
@@ -43,46 +40,40 @@ def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, de
         labels = check_same_classes(train_like, src, "data")
     else:
         labels = np.full(len(src), -1, dtype=np.int64)
+    split = Split(src, np.arange(len(src)), labels)
+    return stream_for_split(meta, split, batch_size=batch_size, device=device, num_workers=num_workers)
+
+
+def stream_for_split(meta: dict, split: Split, *, batch_size: int, device: torch.device, num_workers: int = 2,
+                     cache_dir: Path | None = None):
+    """An evaluation stream over a `Split` (labels already in the checkpoint's class order), preprocessed the way
+    the checkpoint's model expects; e.g. a run's own held-out split rebuilt with `open_data`."""
     pre = Preprocess(**meta["preprocess"])
-    opt = StreamOptions(batch_size=batch_size, device=device, num_workers=num_workers)
-    return build_eval_stream(Split(src, np.arange(len(src)), labels), pre, opt)
+    opt = StreamOptions(batch_size=batch_size, device=device, num_workers=num_workers, cache_dir=cache_dir)
+    return build_eval_stream(split, pre, opt)
 
 
-def evaluate_checkpoint(ckpt: str | Path, data: str, *, batch_size: int = 256, device: str = "auto") -> dict:
-    """Loss, top-1/top-5 and per-class accuracy of a checkpoint (or run dir) on a labelled dataset."""
-    dev = _device(device)
-    model, meta = load_model(ckpt, device=dev)
-    stream = eval_stream_for(meta, data, labeled=True, batch_size=batch_size, device=dev)
-    logits, labels, _ = collect_logits(model, stream, autocast=_autocast(dev))
-    m = topk_metrics(logits, labels, len(meta["classes"]))
-    m["per_class_top1"] = dict(zip(meta["classes"], m.pop("per_class_top1"), strict=True))
-    m.update(checkpoint=meta["path"], model=meta["model_name"], data=data, unreadable=stream.bad or
-             getattr(stream, "decode_bad", []))
-    return m
+def evaluate_checkpoint(ckpt: str | Path, data: str, *, batch_size: int = 256, device: str = "auto",
+                        tta: str = "none") -> dict:
+    """Every metric of a checkpoint (or run dir) on a labelled dataset: loss, top-1/top-5, per-class accuracy and
+    P/R/F1, confusion matrices, calibration, most-confused pairs; with `tta`, the same again under `with_tta`.
+    An ensemble of several checkpoints: `vitforge.eval.ensemble.evaluate_ensemble`."""
+    from vitforge.eval.ensemble import evaluate_ensemble
+
+    return evaluate_ensemble([ckpt], data, tta=tta, batch_size=batch_size, device=device)
 
 
-def predict_images(ckpt: str | Path, images: str, *, batch_size: int = 256, device: str = "auto") -> dict:
-    """Class probabilities for every image under `images`: {"ids", "probs" (N, K), "classes", "unreadable"}."""
-    dev = _device(device)
-    model, meta = load_model(ckpt, device=dev)
-    stream = eval_stream_for(meta, images, labeled=False, batch_size=batch_size, device=dev)
-    logits, _, idx = collect_logits(model, stream, autocast=_autocast(dev))
-    probs = logits.softmax(dim=1).cpu().numpy()
-    ids = [stream.ids[i] for i in idx.tolist()]
-    return {"ids": ids, "probs": probs, "classes": meta["classes"],
-            "unreadable": stream.bad or getattr(stream, "decode_bad", [])}
+def predict_images(ckpt: str | Path, images: str, *, batch_size: int = 256, device: str = "auto",
+                   tta: str = "none") -> dict:
+    """Class probabilities for every image under `images`: {"ids", "probs" (N, K), "classes", "unreadable", ...}.
+    Several checkpoints: `vitforge.eval.ensemble.predict_ensemble`."""
+    from vitforge.eval.ensemble import predict_ensemble
+
+    return predict_ensemble([ckpt], images, tta=tta, batch_size=batch_size, device=device)
 
 
-def write_predictions_csv(pred: dict, out: str | Path, *, overwrite: bool = False) -> Path:
-    """CSV: file, predicted class, then one probability column per class."""
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise VitforgeError(f"--out {path} already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    classes = pred["classes"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "pred", *[f"prob_{c}" for c in classes]])
-        for name, p in zip(pred["ids"], pred["probs"], strict=True):
-            w.writerow([name, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
-    return path
+def write_predictions_csv(pred: dict, out: str | Path, *, overwrite: bool = False, fmt=None) -> Path:
+    """CSV: file, predicted class, then one probability column per class (or any `CsvFormat`)."""
+    from vitforge.eval.submission import CsvFormat, write_submission
+
+    return write_submission(pred, out, fmt or CsvFormat(), overwrite=overwrite)

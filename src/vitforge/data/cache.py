@@ -31,15 +31,21 @@ class Decoded:
     bad: list[str]  # "<id>: <reason>" for every undecodable item
 
 
-def decode_all(source: Source, size: int | None, cache_dir: Path | None) -> Decoded:
-    """Decode every item of `source` at `size` x `size` (None = the images' own size, which must then agree).
+def decode_all(source: Source, size: int | None, cache_dir: Path | None,
+               indices: np.ndarray | None = None) -> Decoded:
+    """Decode the items `indices` (default: all) of `source` at `size` x `size` (None = the images' own size).
 
-    Corrupt images are skipped and reported by name. The result is cached under `cache_dir` keyed by the source's
-    fingerprint, so a changed dataset is decoded again.
+    Corrupt images are skipped and reported by name. File-based sources are cached under `cache_dir`, keyed by the
+    source's fingerprint and the item set, so a changed dataset is decoded again; in-memory sources need no cache.
     """
+    arr = source.array()
+    if arr is not None:
+        return _from_array(arr if indices is None else arr[indices], size, indices)
+    idx = np.arange(len(source)) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
     path = None
     if cache_dir is not None:
-        key = hashlib.sha1(f"{CACHE_VERSION}|{source.fingerprint()}|{size}".encode()).hexdigest()[:20]
+        items = "all" if len(idx) == len(source) else hashlib.sha1(idx.tobytes()).hexdigest()
+        key = hashlib.sha1(f"{CACHE_VERSION}|{source.fingerprint()}|{size}|{items}".encode()).hexdigest()[:20]
         path = cache_dir / "decoded" / f"{key}.pt"
         if path.exists():
             try:
@@ -47,8 +53,7 @@ def decode_all(source: Source, size: int | None, cache_dir: Path | None) -> Deco
                 return Decoded(d["images"], d["keep"], d["bad"])
             except Exception:  # a half-written or stale cache file is simply rebuilt
                 log.warning("ignoring unreadable cache file %s", path)
-    arr = source.array()
-    decoded = _from_array(arr, size) if arr is not None else _decode_files(source, size)
+    decoded = _decode_files(source, size, idx)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -57,11 +62,12 @@ def decode_all(source: Source, size: int | None, cache_dir: Path | None) -> Deco
     return decoded
 
 
-def _from_array(arr: np.ndarray, size: int | None) -> Decoded:
+def _from_array(arr: np.ndarray, size: int | None, indices: np.ndarray | None) -> Decoded:
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
-    if size is not None and x.shape[-1] != size or size is not None and x.shape[-2] != size:
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = _resize_uint8(x, size)
-    return Decoded(x, np.arange(len(arr)), [])
+    keep = np.arange(len(arr)) if indices is None else np.asarray(indices, dtype=np.int64)
+    return Decoded(x, keep, [])
 
 
 def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -73,7 +79,7 @@ def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _decode_files(source: Source, size: int | None) -> Decoded:
+def _decode_files(source: Source, size: int | None, indices: np.ndarray) -> Decoded:
     def work(i: int):
         try:
             img = source.load(i)
@@ -85,7 +91,7 @@ def _decode_files(source: Source, size: int | None) -> Decoded:
 
     threads = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(work, range(len(source)), chunksize=256))
+        results = list(pool.map(work, indices.tolist(), chunksize=256))
     good = [(i, a) for i, a, err in results if a is not None]
     bad = [err for _, a, err in results if a is None]
     if not good:

@@ -20,7 +20,7 @@ from vitforge.data.cache import decode_all
 from vitforge.data.images import image_size
 from vitforge.data.loader import DeviceLoader, SampleDataset, WorkerLoader
 from vitforge.data.sources import FileListSource, Source, check_same_classes, default_cache_dir, open_source
-from vitforge.data.split import stratified_split, stratified_subset
+from vitforge.data.split import stratified_folds, stratified_split, stratified_subset
 from vitforge.data.transforms import eval_transform, has_policies, train_transform
 from vitforge.errors import DataError
 
@@ -90,6 +90,7 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
         raise DataError(f"{cfg.train}: no images")
     if not train.labeled:
         raise DataError(f"{cfg.train}: training data needs labels (class folders, a label column or a CSV label)")
+    own = len(train)  # items of data.train itself (folds never hold data.extra items)
     if cfg.extra:
         extra = open_source(cfg.extra, cache_dir=cache_dir)
         train = ConcatSource([train, extra], [train.labels, check_same_classes(train, extra, "data.extra")])
@@ -98,6 +99,10 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
         val_src = open_source(cfg.val, download=cfg.download, cache_dir=cache_dir)
         val = Split(val_src, np.arange(len(val_src)), check_same_classes(train, val_src, "data.val"))
         tr_idx = np.arange(len(train))
+    elif cfg.folds:
+        tr_idx, va_idx = stratified_folds(labels[:own], cfg.folds, cfg.split_seed, train.classes)[cfg.fold]
+        tr_idx = np.concatenate([tr_idx, np.arange(own, len(train))])
+        val = Split(train, va_idx, labels)
     else:
         tr_idx, va_idx = stratified_split(labels, cfg.val_split, cfg.split_seed, train.classes)
         val = Split(train, va_idx, labels) if len(va_idx) else None
@@ -147,7 +152,7 @@ class Cached:
 
 def decode_split(split: Split, *, size: int | None, device: torch.device, cache_dir: Path | None) -> Cached:
     """Decode the split's items (via the on-disk cache) and move them to `device`. Corrupt images are dropped."""
-    dec = decode_all(split.source, size, cache_dir)
+    dec = decode_all(split.source, size, cache_dir, split.indices)
     pos = np.full(len(split.source), -1, dtype=np.int64)
     pos[dec.keep] = np.arange(len(dec.keep))
     rows = pos[split.indices]

@@ -26,6 +26,7 @@ from vitforge.checkpoint import load_checkpoint, save_checkpoint
 from vitforge.config import Config, from_dict, load_config, to_dict
 from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, open_data, resolve_preprocess
 from vitforge.data.pipeline import use_device_cache
+from vitforge.data.sources import default_cache_dir
 from vitforge.errors import ConfigError
 from vitforge.eval.evaluate import evaluate
 from vitforge.models.backbones import classifier_names, layer_decay_ids, load_initial_weights
@@ -114,8 +115,8 @@ class Trainer:
             torch.manual_seed(cfg.train.seed + 1000 * self.dist.rank)
         self._wrap()
 
-    def _cache_dir(self) -> Path | None:
-        return Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else None
+    def _cache_dir(self) -> Path:
+        return Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else default_cache_dir()
 
     def _build_streams(self) -> None:
         cfg = self.cfg
