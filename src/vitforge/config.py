@@ -119,6 +119,10 @@ class DataConfig:
     """Fraction (0-1) or count (>= 1) of training images held out for validation when `val` is None."""
     split_seed: int = 0
     """Seed of the stratified split (fixed, independent of the training seed)."""
+    folds: int | None = None
+    """K-fold cross-validation (`vitforge cv`): split `train` into this many stratified folds (seed `split_seed`)."""
+    fold: int | None = None
+    """With `folds`: the fold held out for validation (0-based); `val_split` is then unused."""
     extra: str | None = None
     """Extra labelled training data appended to `train` (e.g. a pseudo-label CSV)."""
     limit: int | None = None
@@ -152,6 +156,11 @@ class DataConfig:
         _check("data.train", bool(self.train), "must name a dataset path")
         _check("data.val_split", 0 <= self.val_split < 1 or float(self.val_split).is_integer(),
                "must be a fraction in [0, 1) or a whole number of images")
+        if self.folds is not None or self.fold is not None:
+            _check("data.folds", self.folds is not None and self.folds >= 2, "must be >= 2 (cross-validation folds)")
+            _check("data.fold", self.fold is not None and 0 <= self.fold < self.folds,
+                   f"must be a fold index in [0, {self.folds}) when data.folds is set")
+            _check("data.val", self.val is None, "cannot be combined with data.folds (the held-out fold validates)")
         _check("data.batch_size", self.batch_size >= 1, "must be >= 1")
         if self.eval_batch_size is not None:
             _check("data.eval_batch_size", self.eval_batch_size >= 1, "must be >= 1")

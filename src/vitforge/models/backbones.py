@@ -280,7 +280,7 @@ def load_state_keep_head(model: nn.Module, state: dict, source: str) -> list[str
     load_state_strict(model, state, source)
     if reset:
         log.info("pretrained %s: classifier re-initialised for the new classes (%s)", source, ", ".join(reset))
-    return reset
+    return sorted(reset)
 
 
 def _is_vitforge_checkpoint(path: Path) -> bool:
