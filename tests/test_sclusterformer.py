@@ -331,7 +331,7 @@ def test_fusion_encoder_equals_batch_concat_formulation(impl):
         torch.testing.assert_close(fe(upper[1:2], lower[1:2]), fe(upper, lower)[1:2], atol=1e-5, rtol=1e-5)
     fe.record = {}
     fe(upper, lower)
-    assert fe.record["A"] == (3, 4, 169, 169) and fe.record["softmax_max_err"] < 1e-5
+    assert fe.record["A"] == (3, 4, 169, 169) and fe.record["O"] == (3, 169, 64) and fe.record["softmax_max_err"] < 1e-5
 
 
 # ---- 6. FSA DCT filters ----------------------------------------------------------------------------------------------

@@ -221,9 +221,10 @@ class FusionEncoder(nn.Module):
         k, v = self._heads(self.to_k(upper)), self._heads(self.to_v(upper))
         if self.impl == "manual" or self.record is not None:
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, h, N_u, N_u)
-            if self.record is not None:
+            o = attn @ v  # (B, h, N_u, d)
+            if self.record is not None:  # the protocol of layers.Attention, read by `vitforge verify-attention`
                 record_attention(self.record, q, k, v, attn)
-            o = attn @ v
+                self.record["O"] = (B, N, D)
         else:
             o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, D)))
