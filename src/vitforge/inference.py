@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from vitforge.data.pipeline import Preprocess, Split, StreamOptions, build_eval_stream
-from vitforge.data.sources import check_same_classes, default_cache_dir, open_source
+from vitforge.data.sources import check_same_classes, open_source
 from vitforge.errors import DataError
 from vitforge.train.distributed import DistInfo, pick_device
 

@@ -1,0 +1,135 @@
+"""Classification metrics from gathered predictions: top-k, loss, per-class P/R/F1, confusion, calibration.
+
+Everything starts from class probabilities (N, K) and labels (N,) that `collect_logits` / `collect_probs` have
+already gathered from every DDP rank, so the numbers are those of the whole evaluation set, not of one shard.
+Loss and top-k are computed on the device (`topk_metrics`); the per-class table and the confusion matrix come from
+scikit-learn on the CPU copy of the (N,) predictions; calibration is 15 equal-width confidence bins (Guo et al.
+2017, "On Calibration of Modern Neural Networks", eq. 3).
+
+Units: `top1`, `top5` and `per_class_top1` are percentages (as everywhere in vitforge); precision, recall, F1,
+ECE and the reliability bins are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from vitforge.eval.evaluate import topk_metrics
+
+ECE_BINS = 15
+TOP_PAIRS = 10
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], *, n_bins: int = ECE_BINS,
+                           top_pairs: int = TOP_PAIRS) -> dict:
+    """Every metric of `vitforge eval` from probabilities; items with label < 0 (unlabeled) are ignored.
+
+    Args:
+        probs: (N, K) class probabilities (rows sum to 1), e.g. softmax of logits or a TTA/ensemble average.
+        labels: (N,) int64 class indices on the same device.
+        classes: the K class names.
+        n_bins: confidence bins of the expected calibration error.
+        top_pairs: how many most-confused (true, predicted) pairs to list.
+
+    Returns:
+        {"n", "loss", "top1", "top5", "per_class_top1" {name: % or None}, "per_class" {name: {precision, recall,
+        f1, support}}, "macro_avg", "weighted_avg" ({precision, recall, f1, support}), "confusion" (K x K counts,
+        rows = true class), "confusion_normalized" (rows sum to 1; empty rows stay 0), "ece", "reliability"
+        {edges, count, confidence, accuracy}, "confused_pairs" [{true, pred, count, rate}]}.
+    """
+    keep = labels >= 0
+    probs, labels = probs[keep].float(), labels[keep]
+    if labels.numel() == 0:
+        return {"n": 0}
+    # NLL of the (possibly averaged) probabilities; for plain softmax outputs this equals cross-entropy on logits.
+    base = topk_metrics(probs.clamp_min(1e-12).log(), labels, len(classes))
+    conf, pred = probs.max(dim=1)
+    y, p = labels.cpu().numpy(), pred.cpu().numpy()
+    cm = confusion_matrix(y, p, labels=np.arange(len(classes)))
+    out = {**base, "per_class_top1": dict(zip(classes, base["per_class_top1"], strict=True))}
+    out.update(per_class_table(y, p, classes))
+    out["confusion"] = cm.tolist()
+    out["confusion_normalized"] = normalize_rows(cm).tolist()
+    rel = reliability(conf.cpu().numpy(), (pred == labels).cpu().numpy(), n_bins)
+    out["ece"] = expected_calibration_error(rel)
+    out["reliability"] = rel
+    out["confused_pairs"] = confused_pairs(cm, classes, top_pairs)
+    return out
+
+
+def per_class_table(y: np.ndarray, p: np.ndarray, classes: list[str]) -> dict:
+    """Per-class precision/recall/F1/support plus macro and support-weighted averages (scikit-learn)."""
+    k = np.arange(len(classes))
+    prec, rec, f1, sup = precision_recall_fscore_support(y, p, labels=k, zero_division=0)
+    table = {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
+             for i, c in enumerate(classes)}
+    out = {"per_class": table}
+    for avg in ("macro", "weighted"):
+        a = precision_recall_fscore_support(y, p, labels=k, average=avg, zero_division=0)
+        out[f"{avg}_avg"] = {"precision": float(a[0]), "recall": float(a[1]), "f1": float(a[2]), "support": len(y)}
+    return out
+
+
+def normalize_rows(cm: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (the fraction of a true class predicted as each class); empty rows stay 0."""
+    rows = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """Reliability-diagram data: equal-width bins over (0, 1] of the top-1 confidence.
+
+    Bin b holds confidences in (edges[b], edges[b+1]] (the first bin also takes 0). Empty bins report None for their
+    mean confidence and accuracy.
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins)
+    nz = count > 0
+    mean_conf = [float(s / c) if ok else None for s, c, ok in zip(conf_sum, count, nz, strict=True)]
+    mean_acc = [float(s / c) if ok else None for s, c, ok in zip(acc_sum, count, nz, strict=True)]
+    return {"edges": edges.tolist(), "count": count.tolist(), "confidence": mean_conf, "accuracy": mean_acc}
+
+
+def expected_calibration_error(rel: dict) -> float:
+    """ECE = sum_b |B_b|/N · |acc(B_b) − conf(B_b)| over the reliability bins."""
+    n = sum(rel["count"])
+    total = 0.0
+    for c, conf, acc in zip(rel["count"], rel["confidence"], rel["accuracy"], strict=True):
+        if c:
+            total += c / n * abs(acc - conf)
+    return total
+
+
+def confused_pairs(cm: np.ndarray, classes: list[str], top: int = TOP_PAIRS) -> list[dict]:
+    """The largest off-diagonal cells: {"true", "pred", "count", "rate" (count / images of the true class)}."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    rows = cm.sum(axis=1)
+    pairs = []
+    for flat in order:
+        t, p = np.unravel_index(flat, cm.shape)
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": classes[t], "pred": classes[p], "count": int(off[t, p]),
+                      "rate": float(off[t, p] / rows[t])})
+    return pairs
+
+
+def format_metrics(m: dict, *, title: str) -> str:
+    """Human-readable block: headline numbers, the per-class table and the most-confused pairs."""
+    lines = [f"{title}: {m['n']} images  loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
+             f"ECE {m['ece']:.4f}"]
+    lines.append(f"  {'class':>20s}  {'precision':>9s}  {'recall':>7s}  {'f1':>7s}  {'support':>7s}")
+    rows = [(c, r) for c, r in m["per_class"].items()] + [(f"{a} avg", m[f"{a}_avg"]) for a in ("macro", "weighted")]
+    for name, r in rows:
+        lines.append(f"  {name:>20s}  {r['precision']:9.4f}  {r['recall']:7.4f}  {r['f1']:7.4f}  {r['support']:7d}")
+    if m["confused_pairs"]:
+        pairs = ", ".join(f"{p['true']}->{p['pred']} {p['count']}" for p in m["confused_pairs"][:5])
+        lines.append(f"  most confused (true->pred count): {pairs}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""What every export shares: the module that is exported, example inputs, the parity comparison, file guards."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vitforge.errors import VitforgeError
+
+
+class LogitsModule(nn.Module):
+    """The deployed function: images (B, C, S, S) -> logits (B, K) in eval mode.
+
+    Models with several heads (DeiT: CLS + distillation) return their mean, as `vitforge eval` does.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.eval()  # the wrapper too: exporters restore the top module's mode onto every submodule afterwards
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        if isinstance(out, (tuple, list)):
+            out = torch.stack(list(out)).mean(0)
+        return out
+
+
+def input_shape(model: nn.Module, meta: dict) -> tuple[int, int, int]:
+    """(C, S, S): channels from the model's config (3 by default), size from the checkpoint's preprocessing."""
+    chans = int(getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0])
+    size = int(meta["preprocess"]["img_size"])
+    return chans, size, size
+
+
+def example_inputs(shape: tuple[int, int, int], batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Two normalised-scale random batches (batch_size and batch_size + 1): the second exercises a dynamic batch."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, *shape, generator=g) for b in (batch_size, batch_size + 1)]
+
+
+@torch.no_grad()
+def reference(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [module(x).float() for x in inputs]
+
+
+def max_abs_diff(ours: list, ref: list[torch.Tensor]) -> float:
+    """Largest |a - b| over paired outputs (numpy arrays or tensors); shape mismatches are infinite."""
+    worst = 0.0
+    for a, b in zip(ours, ref, strict=True):
+        a = torch.as_tensor(a).float()
+        if a.shape != b.shape:
+            return float("inf")
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def guard_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Refuse to replace existing files without `overwrite`; create the parent folders."""
+    for p in paths:
+        if p.exists() and not overwrite:
+            raise VitforgeError(f"--out {p} already exists; pass --overwrite to replace it")
+        p.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def quiet_tracing():
+    """Silence tracer/deprecation chatter: shape-dependent Python branches are constants for the fixed input size,
+    and the parity check on a second batch size is what proves the export correct."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def report(fmt: str, files: list[Path], diff: float, tol: float, check: str, shape, attention: str) -> dict:
+    return {"format": fmt, "files": [str(f) for f in files], "max_abs_diff": diff, "tol": tol,
+            "ok": bool(diff <= tol), "check": check, "input_shape": list(shape), "attention": attention}
+
+
+def export_config(meta: dict, shape) -> dict:
+    """What a deployment needs besides the weights: how to rebuild the model and how to feed it."""
+    from vitforge.checkpoint import provenance
+
+    return {"format": "vitforge-export", "version": 1, "model_name": meta["model_name"],
+            "model_kwargs": meta["model_kwargs"], "classes": list(meta["classes"]), "preprocess": meta["preprocess"],
+            "input_shape": list(shape), "input": "float32 (B, C, S, S), RGB scaled to [0, 1] then (x - mean) / std",
+            "output": "logits (B, K) in `classes` order", "source_checkpoint": meta.get("path"),
+            "exported": provenance()}
