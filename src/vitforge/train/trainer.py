@@ -220,11 +220,11 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.interrupted = False
         while st.epoch < cfg.train.epochs and not self._steps_exhausted():
-            t0 = time.perf_counter()
+            t0, seen0 = time.perf_counter(), st.seen  # a resumed epoch counts only this session's images/s
             self._train_one_epoch()
             train_secs = time.perf_counter() - t0
             st.wall += train_secs
-            record = self._end_epoch(train_secs)
+            record = self._end_epoch(train_secs, st.seen - seen0)
             if self._early_stop(record):
                 break
         self._finish()
@@ -383,12 +383,12 @@ class Trainer:
                 raise RuntimeError(f"attention check failed, see {self.run.path / 'attention_check.json'}")
 
     # ---- epoch end: evaluation, logging, checkpoints ------------------------------------------------------------
-    def _end_epoch(self, train_secs: float) -> dict:
+    def _end_epoch(self, train_secs: float, session_seen: int) -> dict:
         cfg, st = self.cfg, self.state
-        seen = torch.tensor([st.seen, st.loss_sum], device=self.device, dtype=torch.float64)
+        seen = torch.tensor([st.seen, st.loss_sum, session_seen], device=self.device, dtype=torch.float64)
         D.all_reduce_sum(seen)
         record = {"epoch": st.epoch, "step": st.step, "train_loss": seen[1].item() / max(seen[0].item(), 1),
-                  "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": seen[0].item() / max(train_secs, 1e-9),
+                  "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": seen[2].item() / max(train_secs, 1e-9),
                   "epoch_seconds": train_secs, "peak_mem_mb": _peak_mem_mb(self.device)}
         last = st.epoch + 1 == cfg.train.epochs or self._steps_exhausted()
         if self.val_stream is not None and ((st.epoch + 1) % cfg.train.eval_every == 0 or last):
