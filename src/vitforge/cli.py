@@ -191,6 +191,53 @@ def _run_export(a: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+# ---- cross-validation / pseudo-labels --------------------------------------------------------------------------------
+def _cv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe YAML (or only key=value overrides)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.train=data/train")
+    p.add_argument("--folds", type=int, required=True, help="number of stratified folds K (>= 2)")
+    p.add_argument("--tta", default="none", help="test-time augmentation of the out-of-fold predictions")
+
+
+def _run_cv(a: argparse.Namespace) -> int:
+    from vitforge.config import load_config
+    from vitforge.cv import CrossValidation
+
+    recipe, overrides = a.recipe, list(a.overrides)
+    if recipe and "=" in recipe and not Path(recipe).exists():
+        recipe, overrides = None, [recipe, *overrides]
+    if recipe is None and not overrides:
+        raise VitforgeError("cv needs a recipe YAML or key=value overrides (e.g. data.train=data/train)")
+    cv = CrossValidation(load_config(recipe, overrides), a.folds, tta=a.tta)
+    summary = cv.run()
+    if summary is None:
+        return 130
+    print(json.dumps({k: summary[k] for k in ("overall", "fold_accuracy_mean", "fold_accuracy_std", "runs",
+                                              "oof_csv")}, indent=2))
+    return 0
+
+
+def _pseudo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="CV_DIR_OR_CKPT",
+                   help="CV directories (all their folds) and/or run directories or checkpoints: the ensemble")
+    p.add_argument("--images", required=True, help="folder of unlabeled images (searched recursively)")
+    p.add_argument("--out", required=True, help="CSV to write (file,label,score,...; use as data.extra=)")
+    p.add_argument("--threshold", type=float, default=0.98, help="minimum averaged confidence (default 0.98)")
+    p.add_argument("--tta", default="none", help="test-time augmentation: none, flip, flip-shift, saccadic12")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+def _run_pseudo(a: argparse.Namespace) -> int:
+    from vitforge.pseudo_label import format_result, pseudo_label
+
+    r = pseudo_label(a.sources, a.images, out=a.out, threshold=a.threshold, tta=a.tta, overwrite=a.overwrite,
+                     batch_size=a.batch_size, device=a.device)
+    print(format_result(r))
+    return 0
+
+
 # ---- models / info ------------------------------------------------------------------------------------------------------
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit*'")
@@ -265,6 +312,10 @@ VERBS: dict[str, Verb] = {
                    _run_report),
     "export": Verb("export a checkpoint to safetensors, ONNX or TorchScript with a parity check", _export_args,
                    _run_export),
+    "cv": Verb("stratified K-fold cross-validation of a recipe (resumable; out-of-fold predictions)", _cv_args,
+               _run_cv),
+    "pseudo-label": Verb("label unlabeled images where the fold/model ensemble is confident and unanimous",
+                         _pseudo_args, _run_pseudo),
     "models": Verb("list registered models with parameter counts", _models_args, _run_models),
     "info": Verb("parameters and per-stage output shapes of a model", _info_args, _run_info),
     "verify-attention": Verb("check attention shapes and softmax rows of a model", _verify_args, _run_verify),
