@@ -18,7 +18,6 @@ Stable API for other commands (K-fold CV, pseudo-labelling):
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,8 @@ from vitforge.data.pipeline import Split
 from vitforge.errors import CheckpointError, VitforgeError
 from vitforge.eval.evaluate import topk_metrics
 from vitforge.eval.metrics import classification_metrics
-from vitforge.eval.tta import View, check_tta_name, tta_probs, tta_views
+from vitforge.eval.tta import check_tta_name, collect_probs, tta_views
 from vitforge.inference import _autocast, _device, eval_stream_for, stream_for_split
-from vitforge.train.distributed import gather_cat
 
 
 @dataclass
@@ -73,26 +71,6 @@ class EnsembleOutput:
     def probs_tta(self) -> np.ndarray:
         """(N, K) ensemble of the TTA-averaged probabilities."""
         return np.tensordot(np.asarray(self.weights, dtype=np.float32), self.per_model_tta, axes=1)
-
-
-@torch.no_grad()
-def collect_probs(model: torch.nn.Module, stream, views: list[View], *, autocast=None):
-    """(plain (N, K), tta (N, K), labels (N,), idx (N,)) over a stream, gathered from every DDP rank."""
-    was_training = model.training
-    model.eval()
-    plain, avg, labels, idxs = [], [], [], []
-    ctx = autocast or contextlib.nullcontext
-    for x, y, idx in stream:
-        with ctx():
-            p, a = tta_probs(model, x, views)
-        plain.append(p)
-        avg.append(a)
-        labels.append(y)
-        idxs.append(idx)
-    model.train(was_training)
-    if not plain:
-        raise VitforgeError("no decodable images to evaluate")
-    return tuple(gather_cat(torch.cat(t)) for t in (plain, avg, labels, idxs))
 
 
 def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: str = "none", batch_size: int = 256,

@@ -12,6 +12,7 @@ import math
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 OK_COLOUR, BAD_COLOUR, ACCENT = "#1a7f37", "#cf222e", "#0969da"
 ANNOTATE_MAX = 20  # write the numbers into confusion cells up to this many classes
@@ -44,6 +45,7 @@ def training_curves(metrics: list[dict]) -> bytes:
                 ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=8)

@@ -21,6 +21,7 @@ Every set starts with the identity view, so one pass gives the accuracy both wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from vitforge.errors import ConfigError
+from vitforge.errors import ConfigError, VitforgeError
+from vitforge.train.distributed import gather_cat
 
 ViewFn = Callable[[torch.Tensor], torch.Tensor]
 ZOOM = 1.15  # seed 000 close-up views
@@ -197,3 +199,23 @@ def tta_probs(model: torch.nn.Module, x: torch.Tensor, views: list[View]) -> tup
     for v in views[1:]:
         avg = avg + forward_probs(model, v.fn(x)) * v.weight
     return plain, avg
+
+
+@torch.no_grad()
+def collect_probs(model: torch.nn.Module, stream, views: list[View], *, autocast=None):
+    """(plain (N, K), tta (N, K), labels (N,), idx (N,)) over a stream, gathered from every DDP rank."""
+    was_training = model.training
+    model.eval()
+    plain, avg, labels, idxs = [], [], [], []
+    ctx = autocast or contextlib.nullcontext
+    for x, y, idx in stream:
+        with ctx():
+            p, a = tta_probs(model, x, views)
+        plain.append(p)
+        avg.append(a)
+        labels.append(y)
+        idxs.append(idx)
+    model.train(was_training)
+    if not plain:
+        raise VitforgeError("no decodable images to evaluate")
+    return tuple(gather_cat(torch.cat(t)) for t in (plain, avg, labels, idxs))

@@ -51,5 +51,6 @@ def export_torchscript(model: nn.Module, meta: dict, out: Path, *, overwrite: bo
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
     """(module, export config) of an archive written by `export_torchscript`."""
     extra = {EXTRA_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with quiet_tracing():
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, json.loads(extra[EXTRA_FILE])
