@@ -17,6 +17,7 @@ import torch
 from vitforge.config import AugConfig, DataConfig, MixConfig
 from vitforge.data import augment as A
 from vitforge.data.cache import decode_all
+from vitforge.data.gpu_policies import build_device_policy
 from vitforge.data.images import image_size
 from vitforge.data.loader import DeviceLoader, SampleDataset, WorkerLoader
 from vitforge.data.sources import FileListSource, Source, check_same_classes, default_cache_dir, open_source
@@ -171,7 +172,8 @@ class TrainStream:
     """Training batches on the device: (x normalised float (B, 3, S, S), target, idx).
 
     `target` is class indices, or soft targets when the batch was mixed (Mixup/CutMix with label smoothing).
-    Device path: crop + flip happen here on uint8; worker path: they already happened per sample.
+    Device path: crop + flip + per-sample policies (AutoAugment, ...; `gpu_policies`) happen here on uint8;
+    worker path: they already happened per sample.
     """
 
     def __init__(self, loader, pre: Preprocess, *, aug: AugConfig, mix: MixConfig, num_classes: int, seed: int,
@@ -179,6 +181,7 @@ class TrainStream:
         self.loader, self.pre, self.aug, self.mix = loader, pre, aug, mix
         self.num_classes, self.seed, self.device = num_classes, seed, device
         self.on_device_aug = on_device_aug
+        self.policy = build_device_policy(aug) if on_device_aug else None
         self.mean = torch.tensor(pre.mean, device=device)
         self.std = torch.tensor(pre.std, device=device)
         self.epoch, self.start_batch, self.smoothing = 0, 0, 0.0
@@ -200,6 +203,8 @@ class TrainStream:
                 x = A.batch_crop(x, self.aug.crop_padding, gen)
                 if self.aug.hflip:
                     x = A.batch_flip(x, gen)
+                if self.policy is not None:
+                    x = self.policy(x, gen)
             x = A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size)
             x = A.batch_erase(x, self.aug.random_erasing, gen)
             if self.mixing():
@@ -295,7 +300,7 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
     """
     aug = cfg.aug
     small = use_device_cache(split, opt.device_cache)
-    policies_on_cpu = has_policies(aug) and aug.backend != "device"
+    policies_on_cpu = has_policies(aug) and not policies_on_device(aug, opt.device)
     common = dict(train=True, seed=opt.seed, repeats=aug.repeats, rank=opt.rank, world=opt.world)
     if small:
         c = decode_split(split, size=None, device=opt.device if not policies_on_cpu else torch.device("cpu"),
@@ -326,6 +331,12 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
                          device=opt.device, on_device_aug=False)
     stream.decode_bad = bad
     return stream
+
+
+def policies_on_device(aug: AugConfig, device: torch.device) -> bool:
+    """Per-sample policies of small images run batched on the device for backend=device, and for backend=auto on
+    CUDA (on a CPU the worker processes run them in parallel with the training step)."""
+    return aug.backend == "device" or (aug.backend == "auto" and device.type == "cuda")
 
 
 def resolve_preprocess(cfg: DataConfig, split: Split, model_cfg: dict, *, pretrained: bool,

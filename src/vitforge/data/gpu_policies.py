@@ -1,0 +1,401 @@
+"""Per-sample random augmentation policies applied to a whole batch on the training device.
+
+AutoAugment, RandAugment, TrivialAugmentWide and ColorJitter as torchvision.transforms.v2 defines them (same op set,
+magnitude bins, sign flips, application probabilities, nearest interpolation, zero fill), but every sample of a batch
+draws its own op(s), magnitude(s) and signs, and there is no per-sample Python loop: each op is computed for the
+whole batch and `torch.where` keeps it for the samples that drew it. Ops that share a form are computed once:
+the five geometric ops are one per-sample inverse affine matrix + one `grid_sample`; Brightness, Color and Contrast
+are one blend against a per-sample "degenerate" image. Equalize builds per-(sample, channel) histograms with
+`scatter_add_`. Nothing synchronises with the host, so the ops queue behind the training step on a GPU.
+
+Values follow torchvision's kernels for uint8 (truncation after a blend, rounding after the sharpness blur and after
+warping) and for float images in [0, 1]. Randomness comes only from the explicit `torch.Generator`, so a batch's
+augmentation is a function of (seed, epoch, step), as for the other batch augmentations (exact resume).
+
+The policy tables (AutoAugment sub-policies, magnitude spaces) are read from torchvision itself, so the device
+backend and the CPU-worker backend (`vitforge.data.transforms`) cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+OP = {name: i for i, name in enumerate(OPS)}
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+BLENDS = ("Brightness", "Color", "Contrast")
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+# ---- per-sample ops: x (B, C, H, W) float holding uint8 values (integer=True) or [0, 1] values ----------------------
+def _col(t: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) for broadcasting over images."""
+    return t.reshape(-1, 1, 1, 1)
+
+
+def _finish(x: torch.Tensor, bound: float, integer: bool) -> torch.Tensor:
+    """Clamp to [0, bound]; integer images truncate like torchvision's `.to(torch.uint8)`."""
+    x = x.clamp(0, bound)
+    return x.trunc() if integer else x
+
+
+def grayscale(x: torch.Tensor, integer: bool) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma (floored for integer images, as torchvision does before a blend)."""
+    r, g, b = x.unbind(1)
+    # add(alpha=) as torchvision writes it: the kernel may fuse multiply and add, which changes the last bit
+    gray = (r * GRAY_WEIGHTS[0]).add(g, alpha=GRAY_WEIGHTS[1]).add(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+    return gray.floor() if integer else gray
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, bound: float, integer: bool) -> torch.Tensor:
+    """x·f + other·(1 − f) per sample; factor (B,) float64 (both weights rounded to float32 from float64)."""
+    # addcmul = torchvision's `mul(f).add_(other, alpha=1 - f)` rounding (one fused multiply-add) with tensor weights
+    return _finish(torch.addcmul(x * _col(factor).float(), other, _col(1.0 - factor).float()), bound, integer)
+
+
+def blend_degenerate(x: torch.Tensor, op: torch.Tensor, integer: bool) -> torch.Tensor:
+    """The image each blend op mixes with: 0 (Brightness), the grey image (Color), its mean (Contrast)."""
+    gray = grayscale(x, integer)  # (B, 1, H, W)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    other = torch.where(_col(op == OP["Color"]), gray, mean)
+    return torch.where(_col(op == OP["Brightness"]), torch.zeros_like(mean), other)
+
+
+def sharpness(x: torch.Tensor, factor: torch.Tensor, bound: float, integer: bool) -> torch.Tensor:
+    """Blend the interior with a 3x3 smoothing of it (border pixels unchanged); factor (B,) float64."""
+    C = x.shape[1]
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.full((C, 1, 3, 3), a, dtype=x.dtype, device=x.device)  # built on the device: no host copy
+    kernel[:, :, 1, 1] = b
+    blurred = F.conv2d(x, kernel, groups=C)  # (B, C, H-2, W-2)
+    if integer:
+        blurred = blurred.round()
+    inner = x[..., 1:-1, 1:-1]
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = torch.addcmul(inner, blurred - inner, _col(1.0 - factor).float())
+    return _finish(out, bound, integer)
+
+
+def posterize(x: torch.Tensor, bits: torch.Tensor, integer: bool) -> torch.Tensor:
+    """Keep the top `bits` (B,) bits of every channel value."""
+    if integer:
+        q = _col(torch.exp2(8 - bits.float()))  # 2^(8-bits): exact in float32
+        return torch.floor(x / q) * q
+    levels = _col(torch.exp2(bits.float()))
+    return torch.minimum((x * levels).floor(), levels - 1) * (1.0 / levels)
+
+
+def solarize(x: torch.Tensor, threshold: torch.Tensor, bound: float) -> torch.Tensor:
+    """Invert values >= bound·threshold (threshold (B,) float64 in [0, 1])."""
+    return torch.where(x >= _col(bound * threshold).float(), bound - x, x)
+
+
+def autocontrast(x: torch.Tensor, bound: float, integer: bool) -> torch.Tensor:
+    """Stretch each channel to [0, bound]; constant channels are left unchanged."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    inv_scale = torch.where(flat, torch.ones_like(lo), (hi - lo) * (1.0 / bound))
+    lo = torch.where(flat, torch.zeros_like(lo), lo)
+    return _finish((x - lo) / inv_scale, bound, integer)
+
+
+def equalize(x: torch.Tensor, integer: bool) -> torch.Tensor:
+    """Histogram equalisation per (sample, channel) with PIL's lookup table (torchvision's algorithm, batched)."""
+    q = x if integer else (x * (256.0 - 1e-3)).trunc()  # float -> uint8 levels as torchvision's to_dtype
+    B, C, H, W = q.shape
+    flat = q.reshape(B, C, H * W).long()
+    hist = torch.zeros(B, C, 256, dtype=torch.int32, device=x.device)
+    hist.scatter_add_(-1, flat, torch.ones_like(flat, dtype=torch.int32))
+    cum = hist.cumsum(-1)  # (B, C, 256) int64
+    last = cum.argmax(-1, keepdim=True)  # first bin holding the final count = the image's largest value
+    step = (H * W - hist.gather(-1, last)) // 255  # (B, C, 1): non-max pixels / 255
+    lut = ((cum[..., :-1] + step // 2) // step.clamp(min=1)).clamp(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[..., :1]), lut], dim=-1)  # (B, C, 256); lut[0] = 0
+    valid = (step != 0)[..., None]  # (B, C, 1, 1); an image with a single value is left as it is
+    out = torch.where(valid, lut.gather(-1, flat).reshape(B, C, H, W).to(x.dtype), q)
+    return out if integer else out * (1.0 / 255)
+
+
+# ---- geometric ops: one inverse affine matrix per sample, nearest sampling, zero fill --------------------------------
+def inverse_affine(angle, translate_x, translate_y, shear_x, shear_y, center_x, center_y) -> torch.Tensor:
+    """Batched `torchvision...._get_inverse_affine_matrix` (scale 1): all args (B,) float64, angles in degrees,
+    centre relative to the image centre. Returns (B, 2, 3) float64 mapping output pixels to input pixels."""
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    tan_sx, cos_sy = torch.tan(sx), torch.cos(sy)
+    a = torch.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot - sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    m0, m1, m3, m4 = d, -b, -c, a
+    cxt, cyt = center_x + translate_x, center_y + translate_y
+    m2 = center_x - m0 * cxt - m1 * cyt
+    m5 = center_y - m3 * cxt - m4 * cyt
+    return torch.stack([torch.stack([m0, m1, m2], -1), torch.stack([m3, m4, m5], -1)], dim=1)
+
+
+def warp_nearest(x: torch.Tensor, matrix: torch.Tensor, integer: bool) -> torch.Tensor:
+    """Resample each image at its matrix (B, 2, 3) (output -> input pixel offsets from the centre)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    base = torch.empty(1, H, W, 3, device=dev)
+    base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=dev)
+    base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=dev)[:, None]
+    base[..., 2] = 1.0
+    theta = matrix.float().transpose(1, 2)  # (B, 3, 2)
+    theta = torch.stack([theta[..., 0] / (0.5 * W), theta[..., 1] / (0.5 * H)], dim=-1)  # to grid_sample's [-1, 1]
+    grid = base.reshape(1, H * W, 3).expand(B, -1, -1).bmm(theta).reshape(B, H, W, 2)
+    out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round() if integer else out
+
+
+def geometric_matrix(op: torch.Tensor, mag: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Per-sample inverse matrices (B, 2, 3) of ShearX/Y (about the top-left corner), TranslateX/Y (whole pixels,
+    truncated) and Rotate (about the centre); identity for every other op."""
+    zero = torch.zeros_like(mag)
+    shear = torch.rad2deg(torch.atan(mag))
+    is_shear = (op == OP["ShearX"]) | (op == OP["ShearY"])
+    return inverse_affine(
+        angle=torch.where(op == OP["Rotate"], -torch.remainder(mag, 360.0), zero),
+        translate_x=torch.where(op == OP["TranslateX"], mag.trunc(), zero),
+        translate_y=torch.where(op == OP["TranslateY"], mag.trunc(), zero),
+        shear_x=torch.where(op == OP["ShearX"], shear, zero),
+        shear_y=torch.where(op == OP["ShearY"], shear, zero),
+        center_x=torch.where(is_shear, zero - W * 0.5, zero),
+        center_y=torch.where(is_shear, zero - H * 0.5, zero),
+    )
+
+
+# ---- one op per sample ----------------------------------------------------------------------------------------------
+def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, ops: Sequence[str] = OPS) -> torch.Tensor:
+    """Apply to each sample the op it drew.
+
+    Args:
+        x: (B, 3, H, W) uint8, or float in [0, 1].
+        op: (B,) long indices into `OPS`.
+        mag: (B,) float64 signed magnitudes in torchvision's units (shear factor, pixels, degrees, factor − 1,
+            bits, threshold fraction); ignored by ops without a magnitude.
+        ops: the ops that can occur (others are not computed).
+
+    Returns:
+        The augmented batch, same dtype and shape as `x`.
+    """
+    integer = not x.is_floating_point()
+    bound = 255.0 if integer else 1.0
+    v = x.float() if integer else x
+    out = v
+    for names, fn in _op_fns(v, op, mag, bound, integer, set(ops)):
+        mask = torch.stack([op == OP[n] for n in names]).any(0)  # comparisons with Python ints: no host copies
+        out = torch.where(_col(mask), fn(), out)
+    return out.to(x.dtype) if integer else out
+
+
+def _op_fns(v, op, mag, bound, integer, present) -> list[tuple[tuple[str, ...], Callable[[], torch.Tensor]]]:
+    """(ops, thunk computing them for the whole batch) for every group of `present` ops."""
+    H, W = v.shape[-2:]
+    groups = [
+        (GEOMETRIC, lambda: warp_nearest(v, geometric_matrix(op, mag, H, W), integer)),
+        (BLENDS, lambda: blend(v, blend_degenerate(v, op, integer), 1.0 + mag, bound, integer)),
+        (("Sharpness",), lambda: sharpness(v, 1.0 + mag, bound, integer)),
+        (("Posterize",), lambda: posterize(v, mag.long(), integer)),
+        (("Solarize",), lambda: solarize(v, mag, bound)),
+        (("AutoContrast",), lambda: autocontrast(v, bound, integer)),
+        (("Equalize",), lambda: equalize(v, integer)),
+        (("Invert",), lambda: bound - v),
+    ]
+    return [(tuple(n for n in names if n in present), fn) for names, fn in groups if present.intersection(names)]
+
+
+# ---- policies: every sample draws its own ops and magnitudes --------------------------------------------------------
+AA_POLICIES = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "imagenet": v2.AutoAugmentPolicy.IMAGENET,
+               "svhn": v2.AutoAugmentPolicy.SVHN}
+
+
+def magnitude_table(space: dict, num_bins: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision magnitude space -> (values (len(OPS), num_bins) float64, signed (len(OPS),) bool)."""
+    values = torch.zeros(len(OPS), num_bins, dtype=torch.float64)
+    signed = torch.zeros(len(OPS), dtype=torch.bool)
+    for name, (fn, is_signed) in space.items():
+        bins = fn(num_bins, height, width)
+        if bins is not None:
+            values[OP[name]] = bins.double()  # torchvision's float32 (or int) bins, as `float(bins[i])` reads them
+        signed[OP[name]] = is_signed
+    return values, signed
+
+
+class BatchPolicy:
+    """A per-sample random policy: `stages` draws [(op (B,), magnitude (B,)), ...]; calling applies the stages in
+    order. Subclasses set `space` (torchvision magnitude space), `num_bins` and `ops` (ops that can occur)."""
+
+    space: dict = {}
+    num_bins: int = 31
+    ops: tuple[str, ...] = OPS
+
+    def __init__(self) -> None:
+        self._tables: dict = {}
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x: (B, 3, H, W) uint8 or float in [0, 1] on the generator's device -> same shape and dtype."""
+        B, _, H, W = x.shape
+        for op, mag in self.stages(B, H, W, gen, x.device):
+            x = apply_ops(x, op, mag, self.ops)
+        return x
+
+    def stages(self, B: int, H: int, W: int, gen: torch.Generator, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def table(self, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, signed) of `space` for H x W images, built once per size and device."""
+        key = (H, W, str(device))
+        if key not in self._tables:
+            self._tables[key] = tuple(t.to(device) for t in magnitude_table(self.space, self.num_bins, H, W))
+        return self._tables[key]
+
+    def signed_magnitude(self, op: torch.Tensor, bin_idx: torch.Tensor, H: int, W: int, gen) -> torch.Tensor:
+        """values[op, bin], negated with probability 1/2 for signed ops."""
+        values, signed = self.table(H, W, op.device)
+        mag = values[op, bin_idx]
+        flip = (torch.rand(op.shape, generator=gen, device=op.device) <= 0.5) & signed[op]
+        return torch.where(flip, -mag, mag)
+
+    def uniform_op(self, B: int, gen, device) -> torch.Tensor:
+        """One op per sample, uniform over the keys of `space`."""
+        ids = self.on_device("ids", torch.tensor([OP[n] for n in self.space]), device)
+        return ids[torch.randint(len(ids), (B,), generator=gen, device=device)]
+
+    def on_device(self, name: str, t: torch.Tensor, device) -> torch.Tensor:
+        """`t` on `device`, copied once (a host-to-device copy per batch would synchronise with the GPU)."""
+        key = (name, str(device))
+        if key not in self._tables:
+            self._tables[key] = t.to(device)
+        return self._tables[key]
+
+
+class AutoAugment(BatchPolicy):
+    """AutoAugment (Cubuk et al. 2019) with torchvision's sub-policies: each sample draws one of the 25 sub-policies,
+    then applies each of its two ops with the op's probability, at the op's fixed magnitude bin (of 10), sign random."""
+
+    num_bins = 10
+    space = v2.AutoAugment._AUGMENTATION_SPACE
+
+    def __init__(self, policy: str = "cifar10") -> None:
+        super().__init__()
+        subs = v2.AutoAugment(AA_POLICIES[policy])._get_policies(AA_POLICIES[policy])  # 25 x 2 x (op, p, bin)
+        self.policy = policy
+        self.sub_op = torch.tensor([[OP[n] for n, _, _ in s] for s in subs])  # (P, 2)
+        self.sub_p = torch.tensor([[p for _, p, _ in s] for s in subs])  # (P, 2) float32
+        self.sub_bin = torch.tensor([[b or 0 for _, _, b in s] for s in subs])  # (P, 2)
+        self.ops = ("Identity",) + tuple(sorted({n for s in subs for n, _, _ in s}, key=OP.get))
+
+    def stages(self, B, H, W, gen, device):
+        op_t, p_t, bin_t = (self.on_device(name, t, device) for name, t in
+                            (("op", self.sub_op), ("p", self.sub_p), ("bin", self.sub_bin)))
+        k = torch.randint(len(op_t), (B,), generator=gen, device=device)  # sub-policy per sample
+        out = []
+        for s in range(2):
+            apply = torch.rand(B, generator=gen, device=device) <= p_t[k, s]
+            op = torch.where(apply, op_t[k, s], torch.zeros_like(k))  # 0 = Identity
+            out.append((op, self.signed_magnitude(op, bin_t[k, s], H, W, gen)))
+        return out
+
+
+class RandAugment(BatchPolicy):
+    """RandAugment (Cubuk et al. 2020): `num_ops` ops per sample, each uniform over torchvision's 14 (Identity
+    included), all at bin `magnitude` of `num_bins`, sign random."""
+
+    space = v2.RandAugment._AUGMENTATION_SPACE
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31) -> None:
+        super().__init__()
+        if not 0 <= magnitude < num_bins:
+            raise ValueError(f"RandAugment magnitude {magnitude} is not a bin of {num_bins}")
+        self.num_ops, self.magnitude, self.num_bins = num_ops, magnitude, num_bins
+        self.ops = tuple(self.space)
+
+    def stages(self, B, H, W, gen, device):
+        out = []
+        for _ in range(self.num_ops):
+            op = self.uniform_op(B, gen, device)
+            out.append((op, self.signed_magnitude(op, torch.full_like(op, self.magnitude), H, W, gen)))
+        return out
+
+
+class TrivialAugmentWide(BatchPolicy):
+    """TrivialAugment (Müller & Hutter 2021), wide space: one op per sample, uniform over 14, magnitude bin uniform
+    over `num_bins`, sign random."""
+
+    space = v2.TrivialAugmentWide._AUGMENTATION_SPACE
+
+    def __init__(self, num_bins: int = 31) -> None:
+        super().__init__()
+        self.num_bins = num_bins
+        self.ops = tuple(self.space)
+
+    def stages(self, B, H, W, gen, device):
+        op = self.uniform_op(B, gen, device)
+        bins = torch.randint(self.num_bins, (B,), generator=gen, device=device)
+        return [(op, self.signed_magnitude(op, bins, H, W, gen))]
+
+
+class ColorJitter(BatchPolicy):
+    """torchvision ColorJitter(brightness, contrast, saturation) per sample: factors uniform in
+    [max(0, 1 − s), 1 + s], the three adjustments in a random order per sample."""
+
+    ops = ("Identity", "Brightness", "Contrast", "Color")
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
+        super().__init__()
+        self.strength = (brightness, contrast, saturation)
+
+    def stages(self, B, H, W, gen, device):
+        u = torch.rand(B, 3, generator=gen, device=device, dtype=torch.float64)
+        lo = [max(0.0, 1.0 - s) for s in self.strength]
+        factor = torch.stack([lo[j] + (1.0 + s - lo[j]) * u[:, j] for j, s in enumerate(self.strength)], dim=1)
+        # factor (B, 3): brightness, contrast, saturation
+        order = torch.rand(B, 3, generator=gen, device=device).argsort(dim=1)  # a random permutation per sample
+        kinds = [OP["Brightness"], OP["Contrast"], OP["Color"]]
+        out = []
+        for slot in range(3):
+            which = order[:, slot]
+            op = sum(torch.where(which == j, kinds[j] if self.strength[j] > 0 else 0, 0) for j in range(3))
+            out.append((op, factor.gather(1, which[:, None])[:, 0] - 1.0))
+        return out
+
+
+class Compose(BatchPolicy):
+    """Several policies one after the other."""
+
+    def __init__(self, policies: list[BatchPolicy]) -> None:
+        super().__init__()
+        self.policies = policies
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        for p in self.policies:
+            x = p(x, gen)
+        return x
+
+
+def build_device_policy(aug) -> BatchPolicy | None:
+    """The device version of `vitforge.data.transforms.policy_ops(aug)` (same policies, same order), or None.
+
+    Args:
+        aug: a `vitforge.config.AugConfig` (auto_augment, trivial_augment, rand_augment, color_jitter).
+    """
+    policies: list[BatchPolicy] = []
+    if aug.auto_augment:
+        policies.append(AutoAugment(aug.auto_augment))
+    if aug.trivial_augment:
+        policies.append(TrivialAugmentWide())
+    if aug.rand_augment:
+        n, m = aug.rand_augment[1:].split("m")
+        policies.append(RandAugment(num_ops=int(n), magnitude=int(m)))
+    if aug.color_jitter > 0:
+        policies.append(ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
+    if not policies:
+        return None
+    return policies[0] if len(policies) == 1 else Compose(policies)
