@@ -2,8 +2,9 @@
 
 For each model the scan shapes come from a forward pass on the `meta` device (no compute): per hybrid stage, the
 number of sequences (images x windows), channels h = C/2, length L = ws² and state size N. Each form is timed forward
-(no grad; "auto" then picks the loop on CPU) and forward+backward (grads for u, δ, A, B, C, D, δ-bias), median and
-standard deviation over `--reps` runs after one warm-up. Results: benchmarks/results/scan_<device>.json.
+(no grad; "auto" then picks the loop on CPU) and forward+backward (grads for u, δ, A, B, C, D, δ-bias): minimum,
+median and standard deviation over `--reps` runs after one warm-up. On a shared machine the minimum is the least
+disturbed run; the load average before and after is recorded. Results: benchmarks/results/scan_<device>.json.
 
     python benchmarks/scan.py                       # CPU, T at 224 and the CIFAR variant at 32
     python benchmarks/scan.py --device cuda --images 64 --chunks 16 32 64
@@ -67,8 +68,8 @@ def make_inputs(case: dict, device: str, grad: bool) -> tuple[torch.Tensor, ...]
     return tuple(t.to(device).requires_grad_(grad) for t in tensors)
 
 
-def time_ms(fn, reps: int, device: str) -> tuple[float, float]:
-    """Median and standard deviation of `fn()` wall time in ms, after one warm-up call."""
+def time_ms(fn, reps: int, device: str) -> dict:
+    """Minimum, median and standard deviation of `fn()` wall time in ms, after one warm-up call."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
     sync()
@@ -78,7 +79,8 @@ def time_ms(fn, reps: int, device: str) -> tuple[float, float]:
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), (statistics.stdev(times) if reps > 1 else 0.0)
+    std = statistics.stdev(times) if reps > 1 else 0.0
+    return {"min": round(min(times), 3), "median": round(statistics.median(times), 3), "std": round(std, 3)}
 
 
 def bench_form(case: dict, impl: str, chunk: int, reps: int, device: str) -> dict:
@@ -95,11 +97,15 @@ def bench_form(case: dict, impl: str, chunk: int, reps: int, device: str) -> dic
     def fwd_bwd():
         run().sum().backward()
 
-    f_med, f_std = time_ms(fwd, reps, device)
-    b_med, b_std = time_ms(fwd_bwd, reps, device)
     name = f"chunked{chunk}" if impl == "chunked" else impl
-    return dict(form=name, fwd_ms=round(f_med, 3), fwd_std=round(f_std, 3), fwd_bwd_ms=round(b_med, 3),
-                fwd_bwd_std=round(b_std, 3))
+    return dict(form=name, fwd_ms=time_ms(fwd, reps, device), fwd_bwd_ms=time_ms(fwd_bwd, reps, device))
+
+
+def auto_picks(case: dict, device: str) -> dict:
+    """What `impl="auto"` runs at this shape, for inference and for training."""
+    probe = torch.empty(1, 1, case["L"], device=device)
+    return {"auto_inference": resolve_impl("auto", probe, needs_grad=False),
+            "auto_training": resolve_impl("auto", probe, needs_grad=True)}
 
 
 def forms(device: str, chunks: list[int]) -> list[tuple[str, int]]:
@@ -124,20 +130,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=8, help="images per batch (sequences = images x windows)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16], help="chunk sizes of the chunked form")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--name", default=None, help="result file stem (default scan_<device kind>)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
     for model in args.models:
         for case in scan_shapes(model, args.images):
             for impl, chunk in forms(args.device, args.chunks):
-                row = {**case, **bench_form(case, impl, chunk, args.reps, args.device)}
+                row = {**case, **auto_picks(case, args.device), **bench_form(case, impl, chunk, args.reps, args.device)}
                 rows.append(row)
-                print({k: row[k] for k in ("model", "level", "seqs", "h", "L", "form", "fwd_ms", "fwd_bwd_ms")})
-    probe = torch.empty(1, device=args.device)
-    auto = {"inference": resolve_impl("auto", probe, needs_grad=False),
-            "training": resolve_impl("auto", probe, needs_grad=True)}
-    results = dict(device=args.device, images=args.images, reps=args.reps, auto_picks=auto, rows=rows,
+                print({k: row[k] for k in ("model", "level", "seqs", "h", "L", "form", "fwd_ms", "fwd_bwd_ms")},
+                      flush=True)
+    results = dict(device=args.device, images=args.images, reps=args.reps, threads=torch.get_num_threads(), rows=rows,
                    loadavg_before=load_before, loadavg_after=os.getloadavg(), kernel_available=kernel_available())
     print("wrote", save_result(args.name or f"scan_{device_kind(args.device)}", results))
 

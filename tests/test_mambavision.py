@@ -325,9 +325,10 @@ def test_chunked_gradients_stay_finite_with_large_steps():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_dispatcher_rules():
-    u = torch.randn(1, 2, 3)
-    assert resolve_impl("auto", u, needs_grad=False) == "loop"  # CPU inference
-    assert resolve_impl("auto", u, needs_grad=True) == "doubling"  # training
+    u, long = torch.randn(1, 2, 3), torch.randn(1, 2, ssm_scan.LOOP_MAX_TRAIN_LEN + 1)
+    assert resolve_impl("auto", long, needs_grad=False) == "loop"  # CPU inference
+    assert resolve_impl("auto", u, needs_grad=True) == "loop"  # CPU training, short windows
+    assert resolve_impl("auto", long, needs_grad=True) == "doubling"  # CPU training, long windows
     assert resolve_impl("chunked", u) == "chunked"
     with pytest.raises(ValueError, match="impl"):
         resolve_impl("fast", u)

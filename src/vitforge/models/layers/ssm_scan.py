@@ -19,9 +19,10 @@ Forms (identical results up to rounding; tests hold them to 1e-10 in float64):
   ceil(log2 L) steps of full-tensor ops. Memory O(B·D·L·N) per step.
 
 `selective_scan_fn` dispatches (`impl="auto"`, rules in `resolve_impl`): mamba_ssm's fused kernel on CUDA when it
-imports (lazy, never required); the loop for CPU inference; the doubling form for training, for CUDA without the
-kernel and for graph capture (ONNX export, tracing, torch.compile). Every form computes in float32 (float64 stays
-float64) with autocast off and casts the output back to u's dtype, as the official model does.
+imports (lazy, never required); on CPU the loop for inference and for training on short windows; the doubling form
+for CPU training on long windows, for CUDA without the kernel and for graph capture (ONNX export, tracing, compile).
+Every form computes in float32 (float64 stays float64) with autocast off and casts the output back to u's dtype, as
+the official model does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import torch.nn.functional as F
 
 IMPLS = ("auto", "loop", "chunked", "doubling", "cuda")
 DEFAULT_CHUNK = 16
+# CPU crossover of loop vs doubling for forward+backward: the loop wins at L <= 64 and loses 2x at L = 196
+# (benchmarks/results/scan_cpu.json, MambaVision shapes, 1 thread).
+LOOP_MAX_TRAIN_LEN = 64
 
 
 def selective_scan_fn(
@@ -98,11 +102,14 @@ def resolve_impl(impl: str, u: torch.Tensor, needs_grad: bool = False) -> str:
     1. while ONNX export, TorchScript tracing or torch.compile/torch.export records the graph: `doubling` (a custom
        CUDA op is opaque to them, and the loop would unroll into L copies of its body);
     2. CUDA input in fp32/fp16/bf16 and mamba_ssm imports: its fused kernel (`cuda`);
-    3. CPU and no gradient needed (inference): `loop`; its per-token steps are small, cache-resident and cheapest
-       there (measured in benchmarks/results/scan_cpu.json at the MambaVision window lengths 16-196);
-    4. otherwise (training, or CUDA without the kernel): `doubling`, the fastest forward+backward on CPU at those
-       lengths, and log2(L) launches instead of L on a GPU.
-    `chunked` is never picked automatically: its T x T weights cost more than they save at these lengths on CPU.
+    3. CPU, and no gradient needed or L <= LOOP_MAX_TRAIN_LEN: `loop`; its per-token steps are small and
+       cache-resident (forward 1.4-2.7x faster than doubling at the MambaVision window lengths 16-196, forward+backward
+       on par or faster up to L = 64; benchmarks/results/scan_cpu.json);
+    4. otherwise (CPU training on longer windows, e.g. 196 tokens in T's stage 3, or CUDA without the kernel):
+       `doubling`, 2.1x faster than the loop for forward+backward at L = 196 on CPU, and log2(L) kernel launches
+       instead of L on a GPU (not measured here: no GPU was available).
+    `chunked` is never picked automatically: at these lengths its T x T weights cost more than they save on CPU
+    (T = 4 only matches doubling at L = 196; T >= 8 is slower everywhere).
     """
     if impl not in IMPLS:
         raise ValueError(f"selective scan impl must be one of {IMPLS}, got {impl!r}")
@@ -114,7 +121,7 @@ def resolve_impl(impl: str, u: torch.Tensor, needs_grad: bool = False) -> str:
         return "doubling"
     if _kernel_usable(u):
         return "cuda"
-    if u.device.type == "cpu" and not needs_grad:
+    if u.device.type == "cpu" and (not needs_grad or u.shape[-1] <= LOOP_MAX_TRAIN_LEN):
         return "loop"
     return "doubling"
 
