@@ -3,6 +3,7 @@
 import vitforge.models.backbones  # noqa: F401
 import vitforge.models.cait  # noqa: F401
 import vitforge.models.cct  # noqa: F401
+import vitforge.models.cnn  # noqa: F401
 import vitforge.models.deit  # noqa: F401
 import vitforge.models.mambavision  # noqa: F401
 import vitforge.models.sclusterformer  # noqa: F401
