@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,20 @@ def test_killed_during_fold_2_resumes_without_redoing_fold_1(tmp_path):
     probs = np.array([[float(r[f"prob_{c}"]) for c in ("cat", "dog", "fox")] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert summary["overall"]["accuracy"] > 50  # colour-coded classes are learnable
+
+    # The fold ensemble with 12-view TTA writes a submission (the README's last step).
+    test = make_image_folder(tmp_path / "test_by_class", per_class=2, size=16, seed=3)
+    flat = tmp_path / "test"
+    flat.mkdir()
+    for p in sorted(test.rglob("*.png")):
+        shutil.copy(p, flat / f"{p.parent.name}_{p.stem}.png")
+    sub = tmp_path / "submission.csv"
+    assert main(["predict", *summary["runs"], "--images", str(flat), "--tta", "saccadic12", "--kaggle", "--out",
+                 str(sub)]) == 0
+    rows = list(csv.DictReader(open(sub)))
+    assert list(rows[0]) == ["id", "label"] and sorted(r["id"] for r in rows) == sorted(p.stem for p in flat.iterdir())
+    assert {r["label"] for r in rows} <= {"cat", "dog", "fox"}
+    assert sum(r["id"].startswith(r["label"]) for r in rows) >= 4  # mostly right (true class is in the name)
 
 
 def test_interrupted_fold_and_rerun_rules(tmp_path, capsys):
