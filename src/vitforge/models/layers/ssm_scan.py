@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 IMPLS = ("auto", "loop", "chunked", "doubling", "cuda")
 DEFAULT_CHUNK = 16
-# CPU crossover of loop vs doubling for forward+backward: the loop wins at L <= 64 and loses 2x at L = 196
-# (benchmarks/results/scan_cpu.json, MambaVision shapes, 1 thread).
+# CPU loop vs doubling, forward+backward at MambaVision shapes (benchmarks/results/scan_cpu.json, 1 thread): the loop
+# is 1.6x faster at L = 16, within +-20 % at L = 49-64 (the sign flipped between two runs on a loaded machine) and
+# 2.1x slower at L = 196. The crossover lies between 64 and 196.
 LOOP_MAX_TRAIN_LEN = 64
 
 
@@ -103,8 +104,8 @@ def resolve_impl(impl: str, u: torch.Tensor, needs_grad: bool = False) -> str:
        CUDA op is opaque to them, and the loop would unroll into L copies of its body);
     2. CUDA input in fp32/fp16/bf16 and mamba_ssm imports: its fused kernel (`cuda`);
     3. CPU, and no gradient needed or L <= LOOP_MAX_TRAIN_LEN: `loop`; its per-token steps are small and
-       cache-resident (forward 1.4-2.7x faster than doubling at the MambaVision window lengths 16-196, forward+backward
-       on par or faster up to L = 64; benchmarks/results/scan_cpu.json);
+       cache-resident (forward 1.6-3.5x faster than doubling at the MambaVision window lengths 16-196; forward+backward
+       see LOOP_MAX_TRAIN_LEN; benchmarks/results/scan_cpu.json);
     4. otherwise (CPU training on longer windows, e.g. 196 tokens in T's stage 3, or CUDA without the kernel):
        `doubling`, 2.1x faster than the loop for forward+backward at L = 196 on CPU, and log2(L) kernel launches
        instead of L on a GPU (not measured here: no GPU was available).
