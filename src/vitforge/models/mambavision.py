@@ -202,7 +202,8 @@ class MambaVisionBlock(nn.Module):
     """Pre-norm hybrid block (upstream `Block`): x + DropPath(γ1 ⊙ mixer(LN(x))), x + DropPath(γ2 ⊙ MLP(LN(x))).
 
     `mixer` is `Attention` (keys qkv/proj, like upstream) or `MambaVisionMixer`. γ1, γ2 are parameters only when
-    `layer_scale` is set (B, L, L2); otherwise they are the constant 1, as upstream (no keys).
+    `layer_scale` is set (B, L, L2); otherwise they are the constant 1, as upstream (no keys). Upstream's attention
+    also applies its dropout in eval mode; every variant uses attn_drop = 0, where the two agree.
     """
 
     def __init__(
