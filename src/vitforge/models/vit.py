@@ -18,7 +18,7 @@ import torch.nn as nn
 from vitforge.models.layers import Block, PatchEmbed, drop_path_rates, sincos_2d
 from vitforge.models.layers.class_attention import ClassTokenBlock
 from vitforge.models.layers.conv_stem import ConvStemPatchEmbed
-from vitforge.models.layers.rel_pos_bias import RelPosBias2d
+from vitforge.models.layers.rel_pos_bias import RelPosBias2d, stacked_biases
 from vitforge.registry import register_model
 
 POS_EMBEDS = ("learned", "sincos", "none")
@@ -221,8 +221,9 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, self.rel_pos[i]() if self.rel_pos is not None else None)  # bias (h, k + N, k + N)
+        biases = stacked_biases(self.rel_pos) if self.rel_pos is not None else [None] * len(self.blocks)
+        for blk, bias in zip(self.blocks, biases, strict=True):
+            x = blk(x, bias)  # bias (h, k + N, k + N)
         return self.norm(x)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:

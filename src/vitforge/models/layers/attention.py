@@ -54,11 +54,17 @@ class Attention(nn.Module):
         # When set to a dict, the next forward takes the manual path and records shapes and the softmax check there.
         self.record: dict | None = None
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D); attn_bias: additive logits bias broadcastable to (B, h, N, N). Returns (B, N, D)."""
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                num_queries: int | None = None) -> torch.Tensor:
+        """x: (B, N, D); attn_bias: additive logits bias broadcastable to (B, h, N, N). Returns (B, N, D).
+
+        With `num_queries=n` only the first n tokens ask (class attention): the same rows of the full attention's
+        output, (B, n, D), for 1/N of the attention cost (their q alone is projected; the bias rows are sliced).
+        """
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self._qkv(x, num_queries)  # (B, h, Nq, d), (B, h, N, d), (B, h, N, d)
+        if num_queries is not None and attn_bias is not None:
+            attn_bias = attn_bias[..., :num_queries, :]
         if self.impl == "manual" or self.record is not None:
             o = self._manual(q, k, v, attn_bias)
         else:
@@ -66,11 +72,23 @@ class Attention(nn.Module):
                 attn_bias = attn_bias.to(q.dtype)
             p = self.attn_drop.p if self.training else 0.0
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
-        o = o.transpose(1, 2).reshape(B, N, D)  # (B, h, N, d) -> (B, N, D)
+        o = o.transpose(1, 2).reshape(B, q.shape[2], D)  # (B, h, Nq, d) -> (B, Nq, D)
         return self.proj_drop(self.proj(o))
 
+    def _qkv(self, x: torch.Tensor, num_queries: int | None):
+        """q (B, h, Nq, d), k and v (B, h, N, d) from the fused projection (rows of `qkv.weight`: q, k, v)."""
+        B, N, D = x.shape
+        h, d = self.num_heads, self.head_dim
+        if num_queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+            return qkv.unbind(0)
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :num_queries], w[:D], None if b is None else b[:D])  # (B, Nq, D)
+        kv = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4)
+        return q.reshape(B, num_queries, h, d).transpose(1, 2), kv[0], kv[1]
+
     def _manual(self, q, k, v, attn_bias):
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N) logits
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, Nq, N) logits
         if attn_bias is not None:
             attn = attn + attn_bias
         attn = attn.softmax(dim=-1)

@@ -4,8 +4,9 @@ Two formulations that compute the same function (tested):
 
 * `ClassAttentionBlock` (CaiT, Touvron et al. 2021, §3): the query comes from the class token(s) only, keys and values
   from all tokens, separate q/k/v projections (timm `ClassAttn` key names), LayerScale on both residual branches.
-* `ClassTokenBlock` (seed 002): an ordinary `Block` whose attention is computed for every token, after which only the
-  class-token rows are kept. Same maths, but the full N x N attention is paid for.
+* `ClassTokenBlock` (seed 002): an ordinary `Block` of which only the class-token rows are kept. Seed 002 computes the
+  full N x N attention and slices; here only the class tokens' queries are computed (`Attention(num_queries=k)`),
+  which gives the same rows for 1/N of the attention cost. The parameters are still those of `Block`.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class ClassAttentionBlock(nn.Module):
 
 
 class ClassTokenBlock(Block):
-    """Seed 002's class-attention block: full self-attention over all tokens, keep only the class-token rows.
+    """Seed 002's class-attention block: the class-token rows of full self-attention over all tokens (computed
+    from the class-token queries only).
 
     Same parameters and key names as `Block`; x[:, num_cls:] (DIST and patches) passes through unchanged.
     `attn_bias` is the full (h, N, N) bias, as for `Block`.
@@ -164,7 +166,7 @@ class ClassTokenBlock(Block):
         """x: (B, N, D) -> (B, N, D) with only x[:, :num_cls] changed."""
         k = self.num_cls
         cls, rest = x[:, :k], x[:, k:]
-        upd = self.attn(self.norm1(x), attn_bias)[:, :k]  # (B, k, D): CLS rows of the full attention
+        upd = self.attn(self.norm1(x), attn_bias, num_queries=k)  # (B, k, D): CLS rows of the full attention
         cls = cls + self.drop_path1(self.ls1(upd))
         cls = cls + self.drop_path2(self.ls2(self.mlp(self.norm2(cls))))
         return torch.cat([cls, rest], dim=1)

@@ -44,5 +44,10 @@ class ConvStemPatchEmbed(nn.Module):
         if (H, W) != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}x{self.img_size} input, got {H}x{W}")
         x = self.act(self.bn(self.conv(x)))  # (B, C_s, H, W)
-        x = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size)  # (B, C_s·p·p, N)
-        return self.proj(x.transpose(1, 2))  # (B, N, D)
+        # The Linear over unfolded channel-major (c, i, j) patch vectors is a p x p stride-p convolution with the
+        # same weights viewed as (D, C_s, p, p): this avoids materialising the unfolded (B, C_s·p·p, N) tensor
+        # (268 MB at batch 512 in bf16 for seed 002) and its transposed copy.
+        p = self.patch_size
+        w = self.proj.weight.view(self.proj.out_features, -1, p, p)  # (D, C_s, p, p)
+        x = F.conv2d(x, w, self.proj.bias, stride=p)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
