@@ -164,7 +164,9 @@ def _run_report(a: argparse.Namespace) -> int:
     from vitforge.eval.report import build_report
 
     page = build_report(a.run, data=a.data, tta=a.tta, batch_size=a.batch_size, device=a.device)
-    print(f"wrote {page}")
+    m = json.loads((page.parent / "report.json").read_text())
+    tta = f", with TTA {a.tta} {m['with_tta']['top1']:.2f}%" if m["with_tta"] else ""
+    print(f"wrote {page} (top-1 {m['top1']:.2f}%{tta} on {m['n']} images; PNG figures beside it)")
     return 0
 
 
