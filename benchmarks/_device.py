@@ -1,0 +1,21 @@
+"""Small helpers shared by the benchmarks: a short device tag for result names, and device synchronisation."""
+
+from __future__ import annotations
+
+import torch
+
+KNOWN_GPUS = ("h100", "h200", "a100", "l40", "l4", "a10")
+
+
+def device_tag(device: torch.device) -> str:
+    """`cpu`, or the GPU family (`h100`, `h200`, ...) for result file names, `cuda` if unknown."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower()
+    return next((k for k in KNOWN_GPUS if k in name), "cuda")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings must include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
