@@ -1,4 +1,4 @@
-"""Data layer: sources chosen by path, image modes, corrupt files, splits, decode cache, epoch plans, batch augmentation."""
+"""Data layer: sources chosen by path, image modes, corrupt files, splits, decode cache, epoch plans, batch aug."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_class_mismatch_with_explicit_val(tmp_path):
     assert d.val.labels.tolist() == [1, 1]  # mapped by name onto the training classes
 
 
-# ---- splits, cache, plans ----------------------------------------------------------------------------------------------
+# ---- splits, cache, plans --------------------------------------------------------------------------------------------
 def test_stratified_split_is_fixed_and_proportional():
     labels = np.repeat(np.arange(5), 40)
     tr, va = stratified_split(labels, 0.2, seed=3, classes=[str(i) for i in range(5)])
@@ -228,7 +228,7 @@ def test_epoch_plan_repeats_ranks_and_determinism():
     assert np.isin(drawn, np.arange(5)).mean() > 0.35  # 5 heavy items hold 45/90 of the mass
 
 
-# ---- batch augmentation --------------------------------------------------------------------------------------------------
+# ---- batch augmentation ----------------------------------------------------------------------------------------------
 def test_batch_crop_is_a_window_of_the_padded_image():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) + 1
     out = A.batch_crop(x, 2, A.step_generator(torch.device("cpu"), 0, 0, 0))

@@ -240,7 +240,7 @@ def _run_pseudo(a: argparse.Namespace) -> int:
     return 0
 
 
-# ---- models / info ------------------------------------------------------------------------------------------------------
+# ---- models / info ---------------------------------------------------------------------------------------------------
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'vit*'")
     p.add_argument("--json", action="store_true")

@@ -243,7 +243,8 @@ class Trainer:
         self.progress.start_epoch(st.epoch, cfg.train.epochs, len(self.train_stream), st.batch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._loss_acc = torch.zeros((), device=self.device, dtype=torch.float64)  # summed loss·batch not yet read back (no sync/step)
+        # Summed loss·batch of the epoch not yet read back (reading it would synchronise with the device every step).
+        self._loss_acc = torch.zeros((), device=self.device, dtype=torch.float64)
         window: list = []
         for x, y, _ in self.train_stream:
             window.append((x, y))
