@@ -2,6 +2,7 @@
 
     python benchmarks/aug_pipeline.py                                  # CPU: device path on the CPU + 2 workers
     python benchmarks/aug_pipeline.py --device cuda --workers 4 8 16   # H100 (the bar: >= 100,000 img/s)
+    python benchmarks/aug_pipeline.py --device cuda --workers --compile-policies   # + torch.compile'd policy ops
 
 Each configuration builds `vitforge.data.pipeline.build_train_stream` exactly as the trainer does and drains batches:
 uint8 images -> random crop (pad 4) -> flip -> [per-sample policy] -> normalise -> RandomErasing 0.25 ->
@@ -13,6 +14,8 @@ Mixup 0.4 / CutMix 1.0 (per-batch switch). Paths:
 Policies: none, autoaugment (CIFAR-10), trivialaugment (wide), randaugment (n2m9). Data: the CIFAR-10 parquet
 (45,000 training images after the 5,000 validation hold-out), or `--synthetic` random images of the same shape.
 Time = batches after 2 warm-up batches, ending with a device synchronisation; img/s is the median of `--repeats`.
+`--compile-policies` routes the device policies' op application through torch.compile (`gpu_policies.compile_policy`);
+its compilation happens in the warm-up of the first repeat and is reported as `first_warmup_s`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from _device import device_tag, sync  # noqa: E402
 from _results import save_result  # noqa: E402
 
 from vitforge.config import AugConfig, DataConfig, MixConfig  # noqa: E402
+from vitforge.data.gpu_policies import compile_policy  # noqa: E402
 from vitforge.data.pipeline import Preprocess, Split, StreamOptions, build_train_stream, open_data  # noqa: E402
 from vitforge.data.sources import ArraySource  # noqa: E402
 
@@ -51,41 +55,48 @@ def train_split(args) -> Split:
     return open_data(DataConfig(train=str(args.data), val_split=5000, split_seed=0)).train
 
 
-def build(split: Split, policy: str, path: str, workers: int, args, device: torch.device):
+def build(split: Split, policy: str, path: str, workers: int, batch: int, device: torch.device):
     aug = AugConfig(crop_padding=4, hflip=True, random_erasing=0.25, backend=path, **POLICIES[policy])
     mix = MixConfig(mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
-    cfg = DataConfig(train="unused", batch_size=args.batch, num_workers=workers, aug=aug, mix=mix)
-    opt = StreamOptions(batch_size=args.batch, device=device, seed=0, num_workers=workers, device_cache="on")
+    cfg = DataConfig(train="unused", batch_size=batch, num_workers=workers, aug=aug, mix=mix)
+    opt = StreamOptions(batch_size=batch, device=device, seed=0, num_workers=workers, device_cache="on")
     return build_train_stream(split, Preprocess(32, MEAN, STD), cfg, opt, num_classes=10)
 
 
-def drain(stream, batches: int, device: torch.device) -> float:
-    """img/s over `batches` batches after two warm-up batches (a fresh epoch each time)."""
+def drain(stream, batches: int, device: torch.device) -> tuple[float, float]:
+    """(img/s over `batches` batches, seconds of the two warm-up batches before them); a fresh epoch each time."""
     stream.set_epoch(0)
     it = iter(stream)
+    t0 = time.perf_counter()
     for _ in range(2):
         next(it)
     sync(device)
+    warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     n = 0
     for _ in range(batches):
         x, _, _ = next(it)
         n += x.shape[0]
     sync(device)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), warm
 
 
-def measure(split, policy: str, path: str, workers: int, args, device) -> dict:
-    stream = build(split, policy, path, workers, args, device)
+def measure(split, policy: str, path: str, workers: int, batch: int, args, device) -> dict:
+    stream = build(split, policy, path, workers, batch, device)
     kind = type(stream.loader).__name__
     expected = "DeviceLoader" if path == "device" else "WorkerLoader"
     assert kind == expected, f"{path} path built a {kind}"
+    compiled = bool(args.compile_policies and stream.policy is not None)
+    if compiled:
+        compile_policy(stream.policy)
     batches = min(args.batches, len(stream) - 2)
-    rates = [drain(stream, batches, device) for _ in range(args.repeats)]
-    rec = {"path": path, "policy": policy, "workers": workers if path == "workers" else 0, "batch": args.batch,
-           "batches": batches, "img_per_s": round(statistics.median(rates), 1),
-           "img_per_s_all": [round(r, 1) for r in rates]}
-    print(f"{path:8s} {policy:15s} workers {rec['workers']:2d}  {rec['img_per_s']:12,.0f} img/s", flush=True)
+    runs = [drain(stream, batches, device) for _ in range(args.repeats)]
+    rates = [r for r, _ in runs]
+    rec = {"path": path, "policy": policy, "workers": workers if path == "workers" else 0, "batch": batch,
+           "compiled_policy": compiled, "batches": batches, "img_per_s": round(statistics.median(rates), 1),
+           "img_per_s_all": [round(r, 1) for r in rates], "first_warmup_s": round(runs[0][1], 2)}
+    print(f"{path:8s} {policy:15s} workers {rec['workers']:2d} batch {batch:5d}{' compiled' if compiled else ''}  "
+          f"{rec['img_per_s']:12,.0f} img/s", flush=True)
     return rec
 
 
@@ -97,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--workers", nargs="*", type=int, default=[2], help="worker counts for the workers path")
     p.add_argument("--worker-policies", nargs="+", default=["autoaugment", "trivialaugment"], choices=list(POLICIES))
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batch", type=int, nargs="+", default=[512])
+    p.add_argument("--compile-policies", action="store_true", help="torch.compile the device policies' ops")
     p.add_argument("--batches", type=int, default=None, help="timed batches (default 80 CUDA, 8 CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
@@ -116,8 +128,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     split = train_split(args)
-    runs = [measure(split, pol, "device", 0, args, device) for pol in args.policies]
-    runs += [measure(split, pol, "workers", n, args, device) for pol in args.worker_policies for n in args.workers]
+    runs = [measure(split, pol, "device", 0, b, args, device) for b in args.batch for pol in args.policies]
+    runs += [measure(split, pol, "workers", n, args.batch[0], args, device)
+             for pol in args.worker_policies for n in args.workers]
     settings = {"data": "synthetic" if args.synthetic else str(args.data), "train_images": len(split),
                 "threads": torch.get_num_threads(), "device": str(device)}
     results = {"settings": settings, "runs": runs, "bar_img_per_s": 100_000}
