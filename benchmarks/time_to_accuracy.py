@@ -9,11 +9,13 @@ After every epoch (its validation included) the point (epoch, cumulative seconds
 
 Interruption: `--stop-after S` asks the trainer to stop at the next optimizer step once S seconds have passed in this
 process (it saves last.pt mid-epoch; resuming is exact). Run the same command again and it resumes the run (the run
-directory is `run.dir/run.name`, default run.name `tta-<recipe>`), adding this process's time to the previous
-processes'. A process killed without a clean stop counts up to its last recorded epoch: the trainer resumes from the
-checkpoint of that epoch, and the points after it are dropped and measured again. Every process pays setup and
-compilation again; `sessions` lists them, and `extra_session_overhead_s` sums those of the processes after the first
-(what one uninterrupted process would not have spent).
+directory is `run.dir/run.name`; `tta-<recipe>` when neither the recipe nor the overrides name it), adding this
+process's time to the previous processes'. Only train.* / run.progress / data.num_workers overrides reach a resumed
+run (the rest is in its checkpoint), so repeating the first command is the way to continue. A process killed without
+a clean stop counts up to its last recorded epoch: the trainer resumes from the checkpoint of that epoch, and the
+points after it are dropped and measured again. Every process pays setup and compilation again; `sessions` lists
+them, and `extra_session_overhead_s` sums those of the processes after the first (what one uninterrupted process
+would not have spent).
 
 `--after RESULT.json` starts the clock at another run's total (a distillation student after its teacher: the issue's
 teacher + student budget). `--budgets` lists the best val top-1 reached within each budget.
@@ -240,7 +242,9 @@ def main(argv=None) -> None:
     if args.show:
         show(load_any(args.show), args.plot)
         return
-    if not any(o.startswith("run.name=") for o in overrides):
+    from vitforge.config import load_config
+
+    if load_config(args.recipe, overrides).run.name is None:  # resuming needs a known run directory
         overrides.append(f"run.name=tta-{Path(args.recipe).stem}")
     state = train_session(args, overrides)
     show(state, None)
