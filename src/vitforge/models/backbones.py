@@ -333,6 +333,9 @@ def _load_timm_file(model: nn.Module, path: Path) -> list[str]:
 def _load_hub(model: nn.Module) -> list[str]:
     name = model.vitforge_name
     if name.startswith("timm:"):
+        if not (model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url")):
+            raise CheckpointError(f"model.pretrained=hub: timm has no pretrained weights for {name}; pick a tagged "
+                                  f"name (timm.list_pretrained('{name[5:].split('.')[0]}*')) or give a weights file")
         try:
             src = _timm_source_model(model, int(model.pretrained_cfg.get("num_classes") or 0))
         except ConfigError:
