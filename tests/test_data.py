@@ -266,3 +266,14 @@ def test_mix_targets_are_distributions(mixup, cutmix):
         frac = (xm != x).float().mean().item()
         own = t[torch.arange(8), y] - 0.1 / 4
         assert abs((1 - own.mean().item() / 0.9) - frac) < 0.1
+
+
+def test_extra_data_only_trains_and_keeps_the_split(tmp_path):
+    train = make_image_folder(tmp_path / "train", classes=("cat", "dog"), per_class=10)
+    extra = tmp_path / "pseudo.csv"
+    extra.write_text("file,label\n" + "".join(f"train/dog/{i:03d}.png,dog\n" for i in range(4)))
+    plain = open_data(load_config(None, [f"data.train={train}", "data.val_split=0.2"]).data)
+    more = open_data(load_config(None, [f"data.train={train}", "data.val_split=0.2", f"data.extra={extra}"]).data)
+    assert np.array_equal(plain.val.indices, more.val.indices)  # same held-out images with or without extra
+    assert len(more.train) == len(plain.train) + 4 and (more.train.indices >= 20).sum() == 4
+    assert (more.val.indices < 20).all()

@@ -104,8 +104,9 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
         tr_idx, va_idx = stratified_folds(labels[:own], cfg.folds, cfg.split_seed, train.classes)[cfg.fold]
         tr_idx = np.concatenate([tr_idx, np.arange(own, len(train))])
         val = Split(train, va_idx, labels)
-    else:
-        tr_idx, va_idx = stratified_split(labels, cfg.val_split, cfg.split_seed, train.classes)
+    else:  # the held-out split comes from data.train alone; data.extra items only ever train
+        tr_idx, va_idx = stratified_split(labels[:own], cfg.val_split, cfg.split_seed, train.classes)
+        tr_idx = np.concatenate([tr_idx, np.arange(own, len(train))])
         val = Split(train, va_idx, labels) if len(va_idx) else None
     if cfg.limit:
         tr_idx = stratified_subset(tr_idx, labels, cfg.limit, cfg.split_seed)
