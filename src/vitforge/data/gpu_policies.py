@@ -162,7 +162,9 @@ def warp_nearest(x: torch.Tensor, matrix: torch.Tensor, integer: bool) -> torch.
     base = _constant(f"grid{H}x{W}", x.device, lambda: _base_grid(H, W))  # (1, H·W, 3)
     theta = matrix.float().transpose(1, 2)  # (B, 3, 2)
     theta = torch.stack([theta[..., 0] / (0.5 * W), theta[..., 1] / (0.5 * H)], dim=-1)  # to grid_sample's [-1, 1]
-    grid = base.expand(B, -1, -1).bmm(theta).reshape(B, H, W, 2)
+    # (H·W, 3) x (3, 2) per sample, written out so that it never runs as a TF32 matmul (coordinates need fp32)
+    grid = (base[..., 0:1] * theta[:, None, 0] + base[..., 1:2] * theta[:, None, 1]) + theta[:, None, 2]
+    grid = grid.reshape(B, H, W, 2)
     out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round() if integer else out
 
