@@ -73,3 +73,13 @@ def test_roundtrip_through_dict_and_yaml(tmp_path):
 def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert cfg.model.name
+
+
+def test_yaml_on_off_words_are_not_booleans(tmp_path):
+    """YAML 1.1 reads on/off as booleans; the string options that use those words still get them."""
+    cfg = load_config(None, ["train.compile=off", "data.device_cache=on", "train.amp=off", "run.wandb=off"])
+    assert (cfg.train.compile, cfg.data.device_cache, cfg.train.amp, cfg.run.wandb) == ("off", "on", "off", "off")
+    r = tmp_path / "r.yaml"
+    r.write_text("train:\n  compile: true\n  amp: off\ndata:\n  device_cache: off\n")
+    cfg = load_config(r)
+    assert (cfg.train.compile, cfg.train.amp, cfg.data.device_cache) == ("default", "off", "off")

@@ -23,6 +23,11 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def _yaml_bool(value: str, false: str, true: str) -> str:
+    """YAML reads `off`/`on`/`no`/`yes` as booleans, which reach a str field as 'False'/'True': map them back."""
+    return {"False": false, "True": true}.get(value, value)
+
+
 def _check(key: str, ok: bool, what: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {what}")
@@ -177,6 +182,7 @@ class DataConfig:
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
         _check("data.crop_pct", 0 < self.crop_pct <= 1, "must be in (0, 1]")
         _check("data.num_workers", self.num_workers >= 0, "must be >= 0")
+        self.device_cache = _yaml_bool(self.device_cache, "off", "on")
         _choice("data.device_cache", self.device_cache, ("auto", "on", "off"))
 
 
@@ -315,6 +321,8 @@ class TrainConfig:
     """CPU intra-op threads (torch.set_num_threads); None keeps PyTorch's default."""
     ckpt_every_steps: int | None = None
     """Also save last.pt every this many optimizer steps inside an epoch (long epochs)."""
+    ckpt_every_epochs: int = 1
+    """Save last.pt every this many epochs (and always at the end); raise it when saving is a visible cost."""
     verify_attention: bool = True
     """Check attention shapes and softmax rows on the first step (models with hand-written attention)."""
     head_epochs: int = 0
@@ -332,6 +340,8 @@ class TrainConfig:
         if self.clip_grad is not None:
             _check("train.clip_grad", self.clip_grad > 0, "must be > 0")
         _check("train.label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)")
+        self.amp = _yaml_bool(self.amp, "off", "auto")
+        self.compile = _yaml_bool(self.compile, "off", "default")
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.compile", self.compile, ("off", "default", "reduce-overhead", "max-autotune"))
         _check("train.eval_every", self.eval_every >= 1, "must be >= 1")
@@ -341,6 +351,7 @@ class TrainConfig:
                f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if self.threads is not None:
             _check("train.threads", self.threads >= 1, "must be >= 1")
+        _check("train.ckpt_every_epochs", self.ckpt_every_epochs >= 1, "must be >= 1")
         if self.ckpt_every_steps is not None:
             _check("train.ckpt_every_steps", self.ckpt_every_steps >= 1, "must be >= 1")
         _check("train.head_epochs", 0 <= self.head_epochs < self.epochs, "must be in [0, train.epochs)")
@@ -364,6 +375,7 @@ class RunConfig:
         if self.name is not None:
             _check("run.name", bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
                    f"{self.name!r} must be a plain directory name")
+        self.wandb = _yaml_bool(self.wandb, "off", "online")
         _choice("run.wandb", self.wandb, ("off", "online", "offline"))
         _choice("run.progress", self.progress, ("auto", "bar", "plain", "none"))
 

@@ -93,6 +93,8 @@ class Trainer:
         _seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        elif torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv kernels
         self.data = open_data(cfg.data)
         self.classes = self.data.classes
         kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(cfg, num_classes=len(self.classes))
@@ -336,9 +338,10 @@ class Trainer:
             self._save_last()
 
     def _stop_now(self) -> bool:
+        if not self.dist.enabled:
+            return self.stop_requested
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        if self.dist.enabled:  # every rank must stop at the same step
-            D.all_reduce_sum(flag)
+        D.all_reduce_sum(flag)  # every rank must stop at the same step (one tiny collective per step under DDP)
         return bool(flag.item() > 0)
 
     def request_stop(self) -> None:
@@ -400,7 +403,8 @@ class Trainer:
             self.trackers.scalars({f"train/{k}": record[k] for k in ("train_loss", "lr", "img_per_s")}, st.step)
             self.trackers.scalars({f"val/{k[4:]}": v for k, v in record.items() if k.startswith("val_")}, st.step)
             self.progress.end_epoch(_epoch_line(record, cfg.train.epochs))
-        self._save_last()
+        if st.epoch % cfg.train.ckpt_every_epochs == 0 or last:
+            self._save_last()
         return record
 
     def _validate(self) -> dict:
@@ -430,6 +434,7 @@ class Trainer:
                 "classes": self.classes, "preprocess": self.pre.to_dict(), "config": to_dict(self.cfg)}
 
     def _save_last(self) -> None:
+        self._saved_step = self.state.step  # on every rank: decisions that depend on it must agree
         if not self.dist.main:
             D.barrier()
             return
@@ -487,6 +492,8 @@ class Trainer:
 
     def _finish(self) -> None:
         st = self.state
+        if getattr(self, "_saved_step", None) != st.step:  # early stop between checkpoint epochs
+            self._save_last()
         checks = _weight_checksums(self.raw_model) if self.dist.enabled else None
         if not self.dist.main:
             return
