@@ -115,6 +115,37 @@ class MixConfig:
 
 
 @dataclass
+class HsiConfig:
+    """Hyperspectral scenes (SClusterFormer): used when `data.train` is a cube file (.mat or .npy)."""
+
+    gt: str | None = None
+    """Ground-truth map (H, W) file, integers, 0 = unlabelled."""
+    extra_band: str | None = None
+    """Band stacked after the PCA components (upstream: one EMAP band, `PaviaU_EMAP.mat`)."""
+    cube_key: str | None = None
+    """Variable name of the cube inside a .mat file (default: the largest 3-D array)."""
+    gt_key: str | None = None
+    """Variable name of the ground truth inside a .mat file."""
+    extra_key: str | None = None
+    """Variable name of the extra band inside a .mat file (upstream: Feature_E)."""
+    pca_components: int = 30
+    """Whitened PCA components kept."""
+    patch_size: int = 13
+    """Window side around each labelled pixel."""
+    train_fraction: float = 0.05
+    """Stratified training fraction; every other labelled pixel is held out (the upstream protocol)."""
+    seed: int = 345
+    """Split seed (upstream: 345)."""
+    class_names: list[str] | None = None
+    """Names of classes 1..K of the ground truth (default: "1".."K")."""
+
+    def __post_init__(self) -> None:
+        _check("data.hsi.pca_components", self.pca_components >= 1, "must be >= 1")
+        _check("data.hsi.patch_size", self.patch_size >= 1 and self.patch_size % 2 == 1, "must be an odd size >= 1")
+        _check("data.hsi.train_fraction", 0 < self.train_fraction < 1, "must be in (0, 1)")
+
+
+@dataclass
 class DataConfig:
     train: str = "digits"
     """Training source: parquet file, ImageFolder dir, CIFAR batches dir, CSV (file,label), `digits`, `cifar10`."""
@@ -156,6 +187,7 @@ class DataConfig:
     """Allow downloading a named dataset (cifar10/cifar100) when it is not found locally."""
     aug: AugConfig = field(default_factory=AugConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    hsi: HsiConfig = field(default_factory=HsiConfig)
 
     def __post_init__(self) -> None:
         _check("data.train", bool(self.train), "must name a dataset path")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitforge.data.pipeline import Preprocess, Split, StreamOptions, build_eval_stream
+from vitforge.data.pipeline import Preprocess, Split, StreamOptions, build_eval_stream, is_hyperspectral, open_hsi
 from vitforge.data.sources import check_same_classes, open_source
 from vitforge.errors import DataError
 from vitforge.train.distributed import DistInfo, pick_device
@@ -28,7 +28,13 @@ def _autocast(device: torch.device):
 
 def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, device: torch.device,
                     num_workers: int = 2):
-    """An evaluation stream over `data` preprocessed the way the checkpoint's model expects."""
+    """An evaluation stream over `data` preprocessed the way the checkpoint's model expects.
+
+    A hyperspectral cube (.mat/.npy) is read with the checkpoint's `data.hsi` settings (ground truth, extra band,
+    PCA, patch size) and every labelled pixel is evaluated.
+    """
+    if is_hyperspectral(data):
+        return _hsi_stream(meta, data, batch_size=batch_size, device=device)
     src = open_source(data, labeled=labeled)
     if len(src) == 0:
         raise DataError(f"{data}: no images")
@@ -42,6 +48,16 @@ def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, de
         labels = np.full(len(src), -1, dtype=np.int64)
     split = Split(src, np.arange(len(src)), labels)
     return stream_for_split(meta, split, batch_size=batch_size, device=device, num_workers=num_workers)
+
+
+def _hsi_stream(meta: dict, cube: str, *, batch_size: int, device: torch.device):
+    from vitforge.config import from_dict
+
+    cfg = from_dict(meta["config"]).data
+    src, tr, te = open_hsi(cube, cfg)
+    labels = check_same_classes(type("Classes", (), {"classes": meta["classes"]})(), src, "data")
+    return stream_for_split(meta, Split(src, np.sort(np.concatenate([tr, te])), labels), batch_size=batch_size,
+                            device=device)
 
 
 def stream_for_split(meta: dict, split: Split, *, batch_size: int, device: torch.device, num_workers: int = 2,

@@ -39,6 +39,7 @@ class Preprocess:
     std: list[float]
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
+    kind: str = "image"  # "image": uint8 RGB normalised here; "features": float tensors used as they are (HSI)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,9 +84,50 @@ class ConcatSource(Source):
         return " + ".join(p.fingerprint() for p in self.parts)
 
 
+class FeatureSource(Source):
+    """Items that are already model inputs (float tensors), e.g. hyperspectral patches (N, 1, C, P, P)."""
+
+    def __init__(self, features: torch.Tensor, labels, classes: list[str], ids: list[str], origin: str):
+        self.features, self.labels = features, np.asarray(labels, dtype=np.int64)
+        self.classes, self.ids, self.origin = classes, ids, origin
+
+    def load(self, i: int):
+        raise DataError(f"{self.origin}: items are feature tensors, not images")
+
+
+HSI_SUFFIXES = (".mat", ".npy")
+
+
+def is_hyperspectral(path: str) -> bool:
+    return Path(path).suffix.lower() in HSI_SUFFIXES
+
+
+def open_hsi(cube: str, cfg: DataConfig) -> tuple[FeatureSource, np.ndarray, np.ndarray]:
+    """A hyperspectral scene as a `FeatureSource` of patches, with its (train, held-out) split (`data.hsi`)."""
+    from vitforge.data.hyperspectral import load_hyperspectral
+
+    h = cfg.hsi
+    if not h.gt:
+        raise DataError(f"{cube}: a hyperspectral cube needs its ground truth: set data.hsi.gt=<file>")
+    if not h.extra_band:
+        raise DataError(f"{cube}: SClusterFormer's morphological branch needs the extra (EMAP) band: set "
+                        f"data.hsi.extra_band=<file> (upstream: PaviaU_EMAP.mat, data.hsi.extra_key=Feature_E)")
+    p = load_hyperspectral(cube, h.gt, extra_band=h.extra_band, cube_key=h.cube_key, gt_key=h.gt_key,
+                           extra_key=h.extra_key, pca_components=h.pca_components, patch_size=h.patch_size,
+                           train_fraction=h.train_fraction, seed=h.seed, class_names=h.class_names)
+    ids = [f"r{r}c{c}" for r, c in p.positions.tolist()]
+    src = FeatureSource(torch.from_numpy(p.patches), p.labels, p.classes, ids, str(cube))
+    return src, p.train_idx, p.test_idx
+
+
 def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
     """Open the training (and validation) sources and split them. All path and class problems surface here."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir or default_cache_dir()
+    if is_hyperspectral(cfg.train):
+        src, tr_idx, te_idx = open_hsi(cfg.train, cfg)
+        if cfg.limit:
+            tr_idx = stratified_subset(tr_idx, src.labels, cfg.limit, cfg.split_seed)
+        return OpenedData(src.classes, Split(src, tr_idx, src.labels), Split(src, te_idx, src.labels))
     train = open_source(cfg.train, download=cfg.download, cache_dir=cache_dir)
     if len(train) == 0:
         raise DataError(f"{cfg.train}: no images")
@@ -154,6 +196,10 @@ class Cached:
 
 def decode_split(split: Split, *, size: int | None, device: torch.device, cache_dir: Path | None) -> Cached:
     """Decode the split's items (via the on-disk cache) and move them to `device`. Corrupt images are dropped."""
+    if isinstance(split.source, FeatureSource):
+        idx = torch.from_numpy(split.indices)
+        return Cached(split.source.features[idx].to(device), torch.from_numpy(split.labels[split.indices]).to(device),
+                      [split.source.ids[i] for i in split.indices], [])
     dec = decode_all(split.source, size, cache_dir, split.indices)
     pos = np.full(len(split.source), -1, dtype=np.int64)
     pos[dec.keep] = np.arange(len(dec.keep))
@@ -200,6 +246,9 @@ class TrainStream:
     def __iter__(self):
         for b, (x, y, idx) in enumerate(self.loader, start=self.start_batch):
             gen = A.step_generator(self.device, self.seed, self.epoch, b)
+            if self.pre.kind == "features":
+                yield (*self._mix(x, y, b), idx)
+                continue
             if self.on_device_aug:
                 x = A.batch_crop(x, self.aug.crop_padding, gen)
                 if self.aug.hflip:
@@ -208,13 +257,15 @@ class TrainStream:
                     x = self.policy(x, gen)
             x = A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size)
             x = A.batch_erase(x, self.aug.random_erasing, gen)
-            if self.mixing():
-                rng = np.random.default_rng([self.seed, self.epoch, b, 31])
-                x, y = A.mix_batch(
-                    x, y, num_classes=self.num_classes, smoothing=self.smoothing, mixup_alpha=self.mix.mixup_alpha,
-                    cutmix_alpha=self.mix.cutmix_alpha, prob=self.mix.prob, switch_prob=self.mix.switch_prob, rng=rng,
-                )
-            yield x, y, idx
+            yield (*self._mix(x, y, b), idx)
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.mixing():
+            return x, y
+        rng = np.random.default_rng([self.seed, self.epoch, b, 31])
+        return A.mix_batch(x, y, num_classes=self.num_classes, smoothing=self.smoothing,
+                           mixup_alpha=self.mix.mixup_alpha, cutmix_alpha=self.mix.cutmix_alpha, prob=self.mix.prob,
+                           switch_prob=self.mix.switch_prob, rng=rng)
 
 
 class EvalStream:
@@ -234,7 +285,10 @@ class EvalStream:
 
     def __iter__(self):
         for x, y, idx in self.loader:
-            yield A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size), y, idx
+            if self.pre.kind == "features":
+                yield x, y, idx
+            else:
+                yield A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size), y, idx
 
 
 @dataclass
@@ -262,6 +316,8 @@ def readable_items(split: Split) -> tuple[Split, list[str]]:
 
 
 def use_device_cache(split: Split, mode: str) -> bool:
+    if isinstance(split.source, FeatureSource):
+        return True
     return mode == "on" or (mode == "auto" and is_small(split.source))
 
 
@@ -301,7 +357,8 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
     """
     aug = cfg.aug
     small = use_device_cache(split, opt.device_cache)
-    policies_on_cpu = has_policies(aug) and not policies_on_device(aug, opt.device)
+    features = isinstance(split.source, FeatureSource)  # e.g. hyperspectral patches: no image augmentation
+    policies_on_cpu = has_policies(aug) and not policies_on_device(aug, opt.device) and not features
     common = dict(train=True, seed=opt.seed, repeats=aug.repeats, rank=opt.rank, world=opt.world)
     if small:
         c = decode_split(split, size=None, device=opt.device if not policies_on_cpu else torch.device("cpu"),
@@ -343,7 +400,9 @@ def policies_on_device(aug: AugConfig, device: torch.device) -> bool:
 def resolve_preprocess(cfg: DataConfig, split: Split, model_cfg: dict, *, pretrained: bool,
                        device_cache: bool, cache_dir: Path | None) -> Preprocess:
     """Input size and normalisation: explicit config > the model's pretrained config > training-set statistics
-    (small images) > ImageNet's."""
+    (small images) > ImageNet's. Feature tensors (hyperspectral patches) are used as they are."""
+    if isinstance(split.source, FeatureSource):
+        return Preprocess(int(split.source.features.shape[-1]), [0.0] * 3, [1.0] * 3, kind="features")
     size = cfg.img_size or int(model_cfg.get("input_size", (3, 0, 0))[-1]) or native_size(split.source) or 224
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 
 from vitforge.config import Config
@@ -16,6 +18,9 @@ def model_kwargs(cfg: Config, *, num_classes: int) -> dict:
         kwargs.setdefault("img_size", cfg.data.img_size)
     if cfg.model.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.model.drop_path_rate
+    if Path(cfg.data.train).suffix.lower() in (".mat", ".npy"):  # hyperspectral patches fix the input geometry
+        kwargs.setdefault("img_size", cfg.data.hsi.patch_size)
+        kwargs.setdefault("pca_bands", cfg.data.hsi.pca_components)
     return kwargs
 
 

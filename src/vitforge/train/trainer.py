@@ -475,6 +475,27 @@ class Trainer:
             run.write_config(self.cfg)
         return run
 
+    def _best_metrics(self) -> dict:
+        """best.pt on the validation split: accuracy, balanced accuracy (= AA), Cohen's kappa, macro F1, per-class
+        recall. (Hyperspectral papers report OA = top-1, AA and kappa.)"""
+        import copy
+
+        from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, recall_score
+
+        from vitforge.eval.evaluate import collect_logits
+
+        model = copy.deepcopy(self.raw_model)
+        model.load_state_dict(load_checkpoint(self.run.best)["model"])
+        logits, labels, _ = collect_logits(model, self.val_stream, autocast=self.autocast)
+        y, p = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+        k = list(range(len(self.classes)))
+        return {"top1": float((y == p).mean() * 100), "balanced_accuracy": float(balanced_accuracy_score(y, p) * 100),
+                "kappa": float(cohen_kappa_score(y, p, labels=k)),
+                "macro_f1": float(f1_score(y, p, labels=k, average="macro", zero_division=0)),
+                "per_class_recall": dict(zip(self.classes, (recall_score(y, p, labels=k, average=None,
+                                                                         zero_division=0) * 100).tolist(),
+                                             strict=True))}
+
     def _announce(self) -> None:
         if not self.dist.main:
             return
@@ -495,6 +516,7 @@ class Trainer:
         if getattr(self, "_saved_step", None) != st.step:  # early stop between checkpoint epochs
             self._save_last()
         checks = _weight_checksums(self.raw_model) if self.dist.enabled else None
+        best = self._best_metrics() if self.val_stream is not None and st.best_epoch >= 0 else None
         if not self.dist.main:
             return
         metrics = self.run.read_metrics()
@@ -508,6 +530,8 @@ class Trainer:
                    "world_size": self.dist.world, "unreadable_images": self.unreadable}
         if checks is not None:
             summary["ddp_weight_checksums"] = checks
+        if best is not None:
+            summary["best_val_metrics"] = best
         self.run.write_summary(summary)
         best = f"best val top-1 {st.best_top1:.2f}% (epoch {st.best_epoch + 1})" if st.best_top1 >= 0 else "no val"
         self.progress.message(f"done: {best}, {st.wall:.1f} s training | {self.run.path}")
