@@ -74,7 +74,8 @@ def test_trainer_stores_the_weights_preprocessing(tmp_path):
                                    "data.batch_size=8", "train.device=cpu", "run.progress=none", f"run.dir={tmp_path}",
                                    "run.name=r", "train.threads=1"]))
     pre = torch.load(run / "checkpoints/best.pt", weights_only=False)["preprocess"]
-    assert pre == {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
+    assert pre == {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.875,
+                   "kind": "image"}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "bin"])
