@@ -164,3 +164,28 @@ def test_distilled_student_trains_one_step_with_teacher():
     assert torch.isfinite(loss) and crit.last_terms["kd"].item() > 0
     assert student.head_dist.weight.grad.abs().sum() > 0 and student.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in crit.teacher.parameters())
+
+
+def test_checkpoint_teacher_gets_its_own_preprocessing_and_classes(tmp_path):
+    """A teacher checkpoint trained with other normalisation/size sees inputs converted; other classes are refused."""
+    from vitforge.config import load_config
+    from vitforge.train.distill import InputAdapter, build_teacher
+    from vitforge.train.trainer import train
+
+    run = train(load_config(None, ["data.train=digits", "train.max_steps=1", "train.device=cpu", "run.progress=none",
+                                   f"run.dir={tmp_path}", "run.name=t", "train.threads=1", "data.mean=[0.2,0.2,0.2]",
+                                   "data.std=[0.3,0.3,0.3]"]))
+    classes = [str(i) for i in range(10)]
+    same = {"img_size": 8, "mean": [0.2] * 3, "std": [0.3] * 3}
+    assert not isinstance(build_teacher(str(run), num_classes=10, device="cpu", classes=classes, preprocess=same),
+                          InputAdapter)
+    other = {"img_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+    t = build_teacher(str(run), num_classes=10, device="cpu", classes=classes, preprocess=other)
+    assert isinstance(t, InputAdapter)
+    raw = torch.rand(2, 3, 16, 16)
+    x_student = (raw - 0.5) / 0.25
+    expect = t.teacher(torch.nn.functional.interpolate((raw - 0.2) / 0.3, size=(8, 8), mode="bilinear",
+                                                       antialias=True, align_corners=False))
+    torch.testing.assert_close(t(x_student), expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="was trained on classes"):
+        build_teacher(str(run), num_classes=10, device="cpu", classes=classes[::-1], preprocess=same)

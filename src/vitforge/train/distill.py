@@ -89,14 +89,43 @@ class DistillationLoss(nn.Module):
         return (1 - self.alpha) * base + self.alpha * kd
 
 
-def build_teacher(spec: str, *, num_classes: int, device: str | torch.device) -> nn.Module:
+class InputAdapter(nn.Module):
+    """Feeds a teacher the student's batch the way the teacher was trained: undo the student's normalisation, apply
+    the teacher's, and resize to the teacher's input size (a teacher checkpoint stores its own preprocessing)."""
+
+    def __init__(self, teacher: nn.Module, student_pre: dict, teacher_pre: dict) -> None:
+        super().__init__()
+        self.teacher, self.size = teacher, int(teacher_pre["img_size"])
+        for name, pre in (("s", student_pre), ("t", teacher_pre)):
+            self.register_buffer(f"mean_{name}", torch.tensor(pre["mean"]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer(f"std_{name}", torch.tensor(pre["std"]).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        x = ((x * self.std_s + self.mean_s) - self.mean_t) / self.std_t  # (B, 3, S, S) in the teacher's scale
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.teacher(x)
+
+
+def _needs_adapter(student_pre: dict | None, teacher_pre: dict | None) -> bool:
+    if not student_pre or not teacher_pre or teacher_pre.get("kind", "image") != "image":
+        return False
+    keys = ("img_size", "mean", "std")
+    return any(not torch.allclose(torch.tensor(student_pre[k], dtype=torch.float64),
+                                  torch.tensor(teacher_pre[k], dtype=torch.float64)) for k in keys)
+
+
+def build_teacher(spec: str, *, num_classes: int, device: str | torch.device, classes: list[str] | None = None,
+                  preprocess: dict | None = None) -> nn.Module:
     """Build a frozen eval-mode teacher from a registered model name, `timm:<name>` or a vitforge checkpoint.
 
     Registered and timm models start from random weights (timm with `pretrained=False`); a checkpoint file or run
-    directory is loaded through `vitforge.checkpoint.load_model`.
+    directory is loaded through `vitforge.checkpoint.load_model`. A checkpoint teacher must know the student's
+    classes in the same order (`classes`), and is wrapped in an `InputAdapter` when its preprocessing differs from
+    the student's (`preprocess`).
 
     Raises:
-        ConfigError: `spec` is none of the three, or the teacher's class count differs from `num_classes`.
+        ConfigError: `spec` is none of the three, or the teacher's classes differ from the student's.
     """
     from vitforge.registry import create_model, is_model
 
@@ -109,7 +138,12 @@ def build_teacher(spec: str, *, num_classes: int, device: str | torch.device) ->
     elif Path(spec).exists():
         from vitforge.checkpoint import load_model
 
-        teacher, _ = load_model(spec, device=device)
+        teacher, meta = load_model(spec, device=device)
+        if classes is not None and meta.get("classes") != list(classes):
+            raise ConfigError(f"distill.teacher: {spec} was trained on classes {meta['classes'][:10]}, the student on "
+                              f"{list(classes)[:10]} (names and order must match)")
+        if _needs_adapter(preprocess, meta.get("preprocess")):
+            teacher = InputAdapter(teacher, preprocess, meta["preprocess"])
     else:
         raise ConfigError(f"distill.teacher: {spec!r} is not a registered model, a timm:<name> or an existing path")
     _check_classes(spec, teacher, num_classes)
@@ -118,12 +152,13 @@ def build_teacher(spec: str, *, num_classes: int, device: str | torch.device) ->
 
 
 def _check_classes(spec: str, teacher: nn.Module, num_classes: int) -> None:
-    n = getattr(teacher, "num_classes", num_classes)
+    n = getattr(getattr(teacher, "teacher", teacher), "num_classes", num_classes)
     if n != num_classes:
         raise ConfigError(f"distill.teacher: {spec!r} predicts {n} classes, the student {num_classes}")
 
 
-def build_criterion(distill_cfg, base: nn.Module, *, num_classes: int, device: str | torch.device) -> nn.Module:
+def build_criterion(distill_cfg, base: nn.Module, *, num_classes: int, device: str | torch.device,
+                    classes: list[str] | None = None, preprocess: dict | None = None) -> nn.Module:
     """`base` when `distill_cfg` is None or has no teacher, else a `DistillationLoss` around it.
 
     Args:
@@ -131,10 +166,14 @@ def build_criterion(distill_cfg, base: nn.Module, *, num_classes: int, device: s
         base: the classification criterion.
         num_classes: the student's classes (the teacher must match).
         device: where the teacher runs.
+        classes: the student's class names (a checkpoint teacher must have the same, in the same order).
+        preprocess: the student's preprocessing (`Preprocess.to_dict()`); a checkpoint teacher trained with another
+            normalisation or input size gets its inputs converted.
     """
     if distill_cfg is None or not distill_cfg.teacher:
         return base
-    teacher = build_teacher(distill_cfg.teacher, num_classes=num_classes, device=device)
+    teacher = build_teacher(distill_cfg.teacher, num_classes=num_classes, device=device, classes=classes,
+                            preprocess=preprocess)
     return DistillationLoss(
         base, teacher, kind=distill_cfg.kind, alpha=distill_cfg.alpha, tau=distill_cfg.tau,
         reduction=distill_cfg.reduction,

@@ -168,7 +168,8 @@ class Trainer:
             return base
         from vitforge.train.distill import build_criterion
 
-        return build_criterion(cfg.distill, base, num_classes=len(self.classes), device=self.device)
+        return build_criterion(cfg.distill, base, num_classes=len(self.classes), device=self.device,
+                               classes=self.classes, preprocess=self.pre.to_dict())
 
     def _wrap(self) -> None:
         self.raw_model = self.model
