@@ -277,3 +277,53 @@ def test_extra_data_only_trains_and_keeps_the_split(tmp_path):
     assert np.array_equal(plain.val.indices, more.val.indices)  # same held-out images with or without extra
     assert len(more.train) == len(plain.train) + 4 and (more.train.indices >= 20).sum() == 4
     assert (more.val.indices < 20).all()
+
+
+def test_fingerprint_is_stable_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    root = make_image_folder(tmp_path / "train", per_class=2)
+    code = f"from vitforge.data.sources import open_source; print(open_source({str(root)!r}).fingerprint())"
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)}
+    assert len(prints) == 1 and prints.pop().strip()
+
+
+def test_worker_datasets_pickle_for_spawned_workers(tmp_path):
+    import pickle
+
+    from vitforge.data.pipeline import Preprocess, StreamOptions, build_eval_stream, build_train_stream
+
+    root = make_image_folder(tmp_path / "train", per_class=4, size=80)  # > 64 px: the worker path
+    cfg = load_config(None, [f"data.train={root}", "data.img_size=32", "data.val_split=0.25"])
+    d = open_data(cfg.data)
+    pre = Preprocess(32, [0.5] * 3, [0.5] * 3)
+    opt = StreamOptions(batch_size=4, device=torch.device("cpu"), num_workers=0)
+    for stream in (build_train_stream(d.train, pre, cfg.data, opt, num_classes=3), build_eval_stream(d.val, pre, opt)):
+        ds = pickle.loads(pickle.dumps(stream.loader.dataset))
+        x, y, i, ok = ds[(0, 0, 123)]
+        assert ok and x.shape == (3, 32, 32) and x.dtype == torch.uint8
+
+
+def test_small_and_large_parts_do_not_share_the_small_image_path(tmp_path):
+    from vitforge.data.pipeline import is_small
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        Image.new("RGB", (400, 300), (i * 50, 0, 0)).save(big / f"{i}.jpg")
+    csv_path = tmp_path / "extra.csv"
+    csv_path.write_text("file,label\n" + "".join(f"big/{i}.jpg,{i}\n" for i in range(3)))
+    d = open_data(load_config(None, ["data.train=digits", f"data.extra={csv_path}"]).data)
+    assert not is_small(d.train.source)
+    assert is_small(open_data(load_config(None, ["data.train=digits"]).data).train.source)
+
+
+def test_unlabeled_extra_or_val_is_an_error(tmp_path):
+    flat = tmp_path / "unl"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    csv_path = tmp_path / "nolabel.csv"
+    csv_path.write_text("file\nunl/a.png\n")
+    with pytest.raises(DataError, match="data.extra .*nolabel.csv has no labels"):
+        open_data(load_config(None, ["data.train=digits", f"data.extra={csv_path}"]).data)

@@ -85,10 +85,12 @@ def test_learns_and_writes_a_run_directory(tmp_path):
     assert meta["config"]["model"]["name"] == "vit_demo" and model(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
 
 
-def test_exact_resume_after_stop(tmp_path):
-    full = train(_cfg(tmp_path, name="full"))
+@pytest.mark.parametrize("path", ["device", "workers"])
+def test_exact_resume_after_stop(tmp_path, path):
+    extra = ["data.device_cache=off", "data.num_workers=0"] if path == "workers" else []
+    full = train(_cfg(tmp_path, *extra, name="full"))
     # 320 training images / batch 32 = 10 batches = 5 steps per epoch: step 7 is 2 steps into epoch 2.
-    t = Trainer(_cfg(tmp_path, name="cut"), hooks=StopAt(7))
+    t = Trainer(_cfg(tmp_path, *extra, name="cut"), hooks=StopAt(7))
     cut = t.fit()
     progress = load_checkpoint(cut, prefer="last")["progress"]
     assert t.interrupted and (progress["epoch"], progress["batch"], progress["step"]) == (1, 4, 7)
@@ -147,6 +149,25 @@ def test_ddp_two_processes_agree(tmp_path):
     assert s["ddp_weight_checksums"][0] == s["ddp_weight_checksums"][1]
     # Each rank takes half of the 320 training images per epoch: 160 / 32 = 5 batches -> 3 steps (2 + 2 + 1).
     assert s["steps"] == 6 and s["final"]["val_top1"] > 0
+
+
+def test_ddp_resume_after_sigkill_is_exact(tmp_path):
+    """Each rank resumes its own RNG stream (dropout differs per rank), so a killed DDP run resumes exactly."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+                "vitforge", "train"]
+    base = [*BUSY, f"run.dir={tmp_path}", "train.epochs=2"]
+    r = subprocess.run([*torchrun, *base, "run.name=full"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*torchrun, *base, "run.name=killed", "train.ckpt_every_steps=1"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_step(run, 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(load_checkpoint(run, "last")["rng"]) == 2
+    r = subprocess.run([*torchrun, "--resume", str(run)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_run(tmp_path / "full", run)
 
 
 def test_gradient_accumulation_matches_a_large_batch(tmp_path):
@@ -232,3 +253,16 @@ def test_ema_ramp_and_warmup():
         m.weight.add_(1.0)
     ema.update(m, 0.5)  # warmup: min(0.5, 1/10) = 0.1 -> mostly the new weights
     torch.testing.assert_close(ema.module.weight, 0.1 * (m.weight - 1) + 0.9 * m.weight)
+
+
+def test_sam_with_fp16_overflow_skips_the_step_and_backs_off(tmp_path):
+    """An fp16 overflow in SAM's first pass must skip the step (finite weights) and lower the loss scale."""
+    cfg = load_config(None, ["model.name=vit_demo", "data.train=digits", "data.limit=256", "train.device=cpu",
+                             "run.progress=none", "train.max_steps=6", f"run.dir={tmp_path}", "train.threads=1",
+                             "train.amp=fp16", "optim.sam_rho=0.05", "data.batch_size=32"])
+    t = Trainer(cfg)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # high enough to overflow fp16 gradients at once
+    t.fit()
+    ck = load_checkpoint(t.run.path, prefer="last")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck["scaler"]["scale"] < 2.0**24

@@ -159,6 +159,8 @@ class WorkerLoader(DeviceLoader):
         self.dl = DataLoader(
             dataset, batch_sampler=_PlanBatches(self), num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=False,
+            # Its own generator: creating an iterator must not draw from the global RNG (exact mid-epoch resume).
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def __iter__(self):

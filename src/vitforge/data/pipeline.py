@@ -156,7 +156,9 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
 
 
 def is_small(source: Source, probe: int = 16) -> bool:
-    """True when the images are at most SMALL_IMAGE pixels on a side (checked on up to `probe` items)."""
+    """True when the images are at most SMALL_IMAGE pixels on a side (checked on up to `probe` items per part)."""
+    if isinstance(source, ConcatSource):
+        return all(is_small(p, probe) for p in source.parts)
     arr = source.array()
     if arr is not None:
         return max(arr.shape[1:3]) <= SMALL_IMAGE
@@ -179,8 +181,9 @@ def native_size(source: Source) -> int | None:
 
 
 def channel_stats(images: torch.Tensor, limit: int = 10000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0-1 scale) of up to `limit` uint8 images (N, 3, H, W)."""
-    x = images[:limit].float().div_(255)
+    """Per-channel mean and std (0-1 scale) of up to `limit` uint8 images (N, 3, H, W), spread over the whole set
+    (sources are often sorted by class)."""
+    x = images[:: max(1, -(-len(images) // limit))].float().div_(255)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
 
 
@@ -333,7 +336,7 @@ def build_eval_stream(split: Split, pre: Preprocess, opt: StreamOptions) -> Eval
         return stream
     split, bad = readable_items(split)
     src = split.source
-    ds = SampleDataset(lambda i: src.load(int(split.indices[i])), split.labels[split.indices],
+    ds = SampleDataset(LoadItems(src, split.indices), split.labels[split.indices],
                        eval_transform(pre.img_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation),
                        [src.ids[i] for i in split.indices], size=pre.img_size, replace_bad=False)
     loader = WorkerLoader(ds, opt.batch_size, train=False, num_workers=opt.num_workers, device=opt.device,
@@ -341,6 +344,26 @@ def build_eval_stream(split: Split, pre: Preprocess, opt: StreamOptions) -> Eval
     stream = EvalStream(loader, pre, ds.ids, opt.device)
     stream.decode_bad = bad
     return stream
+
+
+class LoadItems:
+    """`load(i)` of a split's i-th item; a picklable class (not a lambda) so DataLoader workers can be spawned."""
+
+    def __init__(self, source: Source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __call__(self, i: int):
+        return self.source.load(int(self.indices[i]))
+
+
+class TensorRows:
+    """Row i of a decoded uint8 tensor (picklable, for spawned workers)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.images[i]
 
 
 def balanced_weights(labels: np.ndarray) -> np.ndarray:
@@ -373,13 +396,15 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
             stream.decode_bad = c.bad
             return stream
         images, labels = c.images, c.labels.numpy()
-        ds = SampleDataset(lambda i: images[i], labels, train_transform(pre.img_size, aug, small=True,
-                           interpolation=pre.interpolation), c.ids, size=pre.img_size, replace_bad=True)
+        native = int(images.shape[-1])
+        ds = SampleDataset(TensorRows(images), labels, train_transform(pre.img_size, aug, small=True,
+                           interpolation=pre.interpolation, native=native), c.ids, size=pre.img_size,
+                           replace_bad=True)
         bad = c.bad
     else:
         split, bad = readable_items(split)
         src = split.source
-        ds = SampleDataset(lambda i: src.load(int(split.indices[i])), split.labels[split.indices],
+        ds = SampleDataset(LoadItems(src, split.indices), split.labels[split.indices],
                            train_transform(pre.img_size, aug, small=False, interpolation=pre.interpolation),
                            [src.ids[i] for i in split.indices], size=pre.img_size, replace_bad=True)
     if not small:

@@ -17,6 +17,7 @@ Every source exposes `classes`, `labels` (int64, -1 = unlabeled), `ids` (a name 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -150,14 +151,15 @@ class FileListSource(Source):
         return open_image(self.files[i], name=self.files[i])
 
     def fingerprint(self) -> str:
-        h = 0
+        """Stable across processes (hashlib, not Python's salted hash): paths, sizes and modification times."""
+        h = hashlib.sha1()
         for f in self.files:
             try:
                 st = os.stat(f)
-                h = hash((h, f, st.st_size, st.st_mtime_ns))
+                h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             except OSError:
-                h = hash((h, f))
-        return f"{type(self).__name__}|{self.origin}|{len(self)}|{h}"
+                h.update(f"{f}|missing\n".encode())
+        return f"{type(self).__name__}|{self.origin}|{len(self)}|{h.hexdigest()}"
 
 
 def image_folder(root: Path) -> FileListSource:
@@ -320,8 +322,10 @@ def default_cache_dir() -> Path:
 
 
 def check_same_classes(train: Source, other: Source, what: str) -> np.ndarray:
-    """Map `other`'s labels onto `train.classes` by name; a class unknown to `train` is an error naming it."""
-    if other.classes == train.classes or not other.labeled:
+    """Map `other`'s labels onto `train.classes` by name; a class unknown to `train` (or no labels) is an error."""
+    if not other.labeled:
+        raise DataError(f"{what} {other.origin} has no labels (class folders, a label column or a CSV label column)")
+    if other.classes == train.classes:
         return other.labels
     unknown = [c for c in other.classes if c not in train.classes]
     if unknown:

@@ -39,20 +39,23 @@ def has_policies(aug: AugConfig) -> bool:
     return bool(policy_ops(aug))
 
 
-def train_transform(size: int, aug: AugConfig, *, small: bool, interpolation: str = "bilinear") -> v2.Compose:
-    """Small (cached) images: [resize to S] + random crop with padding + flip + policies.
+def train_transform(size: int, aug: AugConfig, *, small: bool, interpolation: str = "bilinear",
+                    native: int | None = None) -> v2.Compose:
+    """Small (cached) images: random crop with padding + flip + policies at the images' own size `native`, then
+    resize to S — the same order as the device path, so a recipe augments identically on either path.
     Large images: RandomResizedCrop(S, scale) + flip + policies."""
     interp = INTERPOLATION[interpolation]
     ops: list = [v2.Lambda(_to_image)]
     if small:
-        ops.append(v2.Resize((size, size), interpolation=interp, antialias=True))
         if aug.crop_padding:
-            ops.append(v2.RandomCrop(size, padding=aug.crop_padding))
+            ops.append(v2.RandomCrop(native or size, padding=aug.crop_padding))
     else:
         ops.append(v2.RandomResizedCrop(size, scale=tuple(aug.rrc_scale), interpolation=interp, antialias=True))
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip())
     ops += policy_ops(aug)
+    if small:
+        ops.append(v2.Resize((size, size), interpolation=interp, antialias=True))
     ops.append(v2.ToDtype(torch.uint8, scale=True))
     return v2.Compose(ops)
 

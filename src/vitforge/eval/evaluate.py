@@ -31,7 +31,10 @@ def collect_logits(model: nn.Module, stream, *, autocast=None) -> tuple[torch.Te
         idxs.append(idx)
     model.train(was_training)
     dev = next(iter(model.parameters())).device
-    logits = torch.cat(outs) if outs else torch.zeros(0, 0, device=dev)
+    # A rank whose shard is empty still joins the gather, with the right number of columns.
+    k = outs[0].shape[1] if outs else int(getattr(model, "num_classes", 0) or getattr(
+        getattr(model, "module", model), "num_classes", 0))
+    logits = torch.cat(outs) if outs else torch.zeros(0, k, device=dev)
     lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
     idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long, device=dev)
     return gather_cat(logits), gather_cat(lab), gather_cat(idx)

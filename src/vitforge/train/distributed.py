@@ -82,6 +82,24 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every floating-point buffer (e.g. BatchNorm running statistics) of `module` from rank `src`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.broadcast(b, src=src)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

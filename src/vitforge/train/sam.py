@@ -9,6 +9,8 @@ are unscaled first) and clipping (applied to the second gradients by the caller)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -37,3 +39,25 @@ def restore(params: list[torch.nn.Parameter], eps: list[torch.Tensor | None]) ->
     for p, e in zip(params, eps, strict=True):
         if e is not None:
             p.sub_(e)
+
+
+def grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    """True when every gradient is finite (one host sync; only used with fp16 loss scaling)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(model: torch.nn.Module):
+    """Batch-norm layers keep their running statistics during SAM's second pass (momentum 0), so each batch updates
+    them once, as in a plain step."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append((m, m.momentum))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum

@@ -184,6 +184,11 @@ class Trainer:
             model = torch.compile(model, mode=mode)
         self.model = model
 
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Loss/count accumulators: float64, except on Apple MPS, which has no float64."""
+        return torch.float32 if self.device.type == "mps" else torch.float64
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -247,7 +252,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         # Summed loss·batch of the epoch not yet read back (reading it would synchronise with the device every step).
-        self._loss_acc = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._loss_acc = torch.zeros((), device=self.device, dtype=self.acc_dtype)
         window: list = []
         for x, y, _ in self.train_stream:
             window.append((x, y))
@@ -274,24 +279,8 @@ class Trainer:
         """One optimizer step over `window` micro-batches (SAM: two passes). Returns the summed loss·batch."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         loss_sum = self._forward_backward(window)
-        if self.cfg.optim.sam_rho > 0:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            eps = sam.perturb(params, self.cfg.optim.sam_rho, self.cfg.optim.sam_adaptive)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:  # the first pass's unscale must not count for the second pass
-                self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.scaler.get_scale())
-            self._forward_backward(window)
-            sam.restore(params, eps)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.train.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        if self.cfg.optim.sam_rho <= 0 or self._sam_second_pass(window, params):
+            self._apply_gradients(params)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.seen += sum(x.shape[0] for x, _ in window)
@@ -301,8 +290,36 @@ class Trainer:
                                                           cfg.ema.decay_end))
         return loss_sum
 
+    def _sam_second_pass(self, window: list, params: list) -> bool:
+        """SAM: move to w + e(w) along the first-pass gradient, recompute the gradients there, move back.
+
+        The perturbation direction does not depend on the loss scale, so fp16 gradients are used as they are; if
+        they overflowed, the step is skipped and the scale backed off (as GradScaler does for a plain step).
+        Returns False when the step must be skipped.
+        """
+        if self.scaler is not None and not sam.grads_finite(params):
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            return False
+        eps = sam.perturb(params, self.cfg.optim.sam_rho, self.cfg.optim.sam_adaptive)
+        self.optimizer.zero_grad(set_to_none=True)
+        with sam.frozen_norm_stats(self.raw_model):  # BN running statistics count each batch once
+            self._forward_backward(window)
+        sam.restore(params, eps)
+        return True
+
+    def _apply_gradients(self, params: list) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped (and the scale backed off) on inf/NaN gradients
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
     def _forward_backward(self, window: list) -> torch.Tensor:
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        total = torch.zeros((), device=self.device, dtype=self.acc_dtype)
         n = len(window)
         for i, (x, y) in enumerate(window):
             if self.cfg.train.channels_last:
@@ -318,7 +335,7 @@ class Trainer:
                     loss = self.criterion(out, y, x)
                 scaled = loss / n
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total += loss.detach().double() * x.shape[0]
+            total += loss.detach().to(self.acc_dtype) * x.shape[0]
         return total
 
     def _after_step(self) -> None:
@@ -390,7 +407,7 @@ class Trainer:
     # ---- epoch end: evaluation, logging, checkpoints ------------------------------------------------------------
     def _end_epoch(self, train_secs: float, session_seen: int) -> dict:
         cfg, st = self.cfg, self.state
-        seen = torch.tensor([st.seen, st.loss_sum, session_seen], device=self.device, dtype=torch.float64)
+        seen = torch.tensor([st.seen, st.loss_sum, session_seen], device=self.device, dtype=self.acc_dtype)
         D.all_reduce_sum(seen)
         record = {"epoch": st.epoch, "step": st.step, "train_loss": seen[1].item() / max(seen[0].item(), 1),
                   "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": seen[2].item() / max(train_secs, 1e-9),
@@ -410,6 +427,10 @@ class Trainer:
 
     def _validate(self) -> dict:
         cfg, st = self.cfg, self.state
+        if self.dist.enabled:  # BN running statistics drift per rank after the last forward: score rank 0's
+            D.broadcast_buffers(self.raw_model)
+            if self.ema is not None:
+                D.broadcast_buffers(self.ema)
         model = self.ema.module if (self.ema is not None and cfg.ema.eval) else self.raw_model
         m = evaluate(model, self.val_stream, len(self.classes), autocast=self.autocast)
         rec = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
@@ -436,6 +457,7 @@ class Trainer:
 
     def _save_last(self) -> None:
         self._saved_step = self.state.step  # on every rank: decisions that depend on it must agree
+        rng = D.gather_objects(_rng_state())  # every rank's generators: each resumes its own dropout stream
         if not self.dist.main:
             D.barrier()
             return
@@ -444,7 +466,7 @@ class Trainer:
                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                    "ema": self.ema.state_dict() if self.ema is not None else None,
                    "eval_weights": "ema" if (self.ema is not None and self.cfg.ema.eval) else "model",
-                   "progress": asdict(self.state), "rng": _rng_state()}
+                   "progress": asdict(self.state), "rng": rng}
         save_checkpoint(self.run.last, payload)
         D.barrier()
 
@@ -462,7 +484,10 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         self.state = Progress_(**ckpt["progress"])
-        _set_rng_state(ckpt["rng"], self.device)
+        rng = ckpt["rng"]
+        if isinstance(rng, list):  # one state per rank (a different world size reuses them round-robin)
+            rng = rng[self.dist.rank % len(rng)]
+        _set_rng_state(rng, self.device)
 
     def _create_run(self) -> RunDir:
         run = RunDir.create(self.cfg, dataset_name=self.cfg.data.train) if self.dist.main else None
