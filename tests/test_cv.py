@@ -123,6 +123,8 @@ def test_interrupted_fold_and_rerun_rules(tmp_path, capsys):
             if trainer.cfg.data.fold == 1:
                 trainer.request_stop()
 
+    assert main(["cv", "--folds", "2", "--tta", "bogus", *args]) == 2  # refused before fold 0 trains
+    assert "--tta: unknown view set 'bogus'" in capsys.readouterr().err and not (tmp_path / "cv").exists()
     assert run_cv(load_config(None, args), 2, hooks=StopInFold2()) is None  # like Ctrl-C: saved, resumable
     assert (tmp_path / "cv" / "fold_1" / "checkpoints" / "last.pt").exists()
     with pytest.raises(ConfigError, match=r"optim.lr: .* was started with 0.003, now 0.01; rerun with the same"):

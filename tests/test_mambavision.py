@@ -271,16 +271,19 @@ def test_scan_forms_agree_float64(layout, use_z, use_bias, softplus):
         assert (h - h_ref).abs().max() <= 1e-10 * h_ref.abs().max(), (impl, chunk)
 
 
-@pytest.mark.parametrize("use_z", [True, False])
+@pytest.mark.parametrize("use_z, use_bias, softplus", [(True, True, True), (False, True, True), (True, False, False),
+                                                       (False, False, True)])
 @pytest.mark.parametrize("impl, chunk", [("loop", 0), *FAST_FORMS])
-def test_scan_forms_float32_within_1e5_relative(use_z, impl, chunk):
+def test_scan_forms_float32_within_1e5_relative(use_z, use_bias, softplus, impl, chunk):
     a = scan_inputs(L=150, d=8, n=8)
-    z = a["z"] if use_z else None
-    ref = selective_scan_fn(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], z, a["delta_bias"], True,
-                            impl="loop")
+    if not softplus:  # raw delta must stay positive (the kernel's contract when softplus is off)
+        a["delta"] = a["delta"].abs()
+        a["delta_bias"] = a["delta_bias"].abs()
+    z, db = (a["z"] if use_z else None), (a["delta_bias"] if use_bias else None)
+    ref = selective_scan_fn(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], z, db, softplus, impl="loop")
     f = {k: v.float() for k, v in a.items()}
     y = selective_scan_fn(f["u"], f["delta"], f["A"], f["B"], f["C"], f["D"], f["z"] if use_z else None,
-                          f["delta_bias"], True, impl=impl, chunk_size=chunk or 16)
+                          f["delta_bias"] if use_bias else None, softplus, impl=impl, chunk_size=chunk or 16)
     assert y.dtype == torch.float32
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
 
@@ -533,3 +536,26 @@ def test_recipe_trains_on_cifar10_parquet(tmp_path):
     assert summary["steps"] == 2 and summary["final"]["val_n"] == 100
     assert math.isfinite(summary["final"]["train_loss"]) and math.isfinite(summary["final"]["val_loss"])
 
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_cli_exports_mambavision_t_to_onnx_with_parity(tmp_path, capsys):
+    """`vitforge export RUN --format onnx` on the full-size mambavision_t (224 px): onnxruntime agrees within 1e-4."""
+    pytest.importorskip("onnxruntime")
+    from vitforge.checkpoint import save_checkpoint
+    from vitforge.cli import main
+    from vitforge.config import load_config, to_dict
+
+    torch.manual_seed(0)
+    model = create_model("mambavision_t", num_classes=5)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "best.pt", {
+        "model_name": "mambavision_t", "model_kwargs": {"num_classes": 5}, "classes": list("abcde"),
+        "preprocess": {"img_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                       "interpolation": "bicubic", "crop_pct": 0.875},
+        "config": to_dict(load_config(None, ["model.name=mambavision_t"])), "model": model.state_dict(),
+        "eval_weights": "model"})
+    assert main(["export", str(run), "--format", "onnx", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ok"] and r["max_abs_diff"] <= 1e-4 and r["input_shape"] == [3, 224, 224]
+    assert (run / "export" / "model.onnx").stat().st_size > 4 * 30_000_000  # all 31.8M float32 weights inside

@@ -114,6 +114,11 @@ def test_cli_takes_a_cv_directory_and_checks_its_folds(two_models, tmp_path, cap
     code = main(["pseudo-label", str(cv), "--images", str(flat), "--threshold", "0.9", "--out",
                  str(tmp_path / "p.csv")])
     assert code == 0 and "pass threshold 0.9 with all 2 models agreeing" in capsys.readouterr().out
+    assert main(["pseudo-label", str(cv), "--images", str(flat), "--threshold", "0.9"]) == 0  # default --out
+    assert (cv / "pseudo_labels.csv").read_text() == (tmp_path / "p.csv").read_text()
+    assert "-> " + str(cv / "pseudo_labels.csv") in capsys.readouterr().out
+    assert main(["pseudo-label", str(cv), "--images", str(flat)]) == 2  # never overwrites silently
+    assert "pseudo_labels.csv already exists; pass --overwrite" in capsys.readouterr().err
     (cv / "fold_1" / "checkpoints" / "best.pt").unlink()
     with pytest.raises(VitforgeError, match="fold_1 have no best.pt yet; finish the CV first"):
         expand_sources([cv])

@@ -87,7 +87,7 @@ def test_page_and_figure_files(run, page):
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", text) and "<script" not in text
     for words in ("Training curves", "Confusion", "Classification report", "36 validation predictions",
                   "Most-confused pairs", "Calibration", "Configuration", "Environment", "top-1 with TTA flip-shift",
-                  "trained without horizontal flips"):
+                  "trained without horizontal flips or random crops", "leaves out its mirrored and shifted views"):
         assert words in text, words
 
 
@@ -97,6 +97,8 @@ def test_report_numbers_match_the_runs_validation_split(run, page):
     assert m["n"] == summary["val_images"] == 359  # the same held-out split, rebuilt from the config
     assert m["top1"] == pytest.approx(summary["best_val_top1"], abs=1e-3)  # same images, same weights
     assert m["with_tta"]["n"] == 359 and m["tta"] == "flip-shift"
+    # Trained without flips or crops: flip-shift keeps only the plain view, so TTA cannot cost accuracy here.
+    assert m["with_tta"]["top1"] == m["top1"] and m["with_tta"]["loss"] == pytest.approx(m["loss"], rel=1e-6)
     assert sum(map(sum, m["confusion"])) == 359 and len(m["per_class"]) == 10
 
 

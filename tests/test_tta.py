@@ -18,6 +18,7 @@ from vitforge.eval.tta import (
     hflip,
     rotate,
     shift,
+    trained_invariances,
     tta_probs,
     tta_views,
     zoom,
@@ -50,6 +51,32 @@ def test_view_counts_weights_and_shapes(name, count):
     for v in vs:
         y = v.fn(x)
         assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device, v.name
+
+
+@pytest.mark.parametrize("mirror, shift, kept", [
+    (False, True, ["centre", "shift-1", "shift+1"]),
+    (True, False, ["centre", "flip"]),
+    (False, False, ["centre"]),
+])
+def test_views_a_model_was_not_trained_for_are_left_out(mirror, shift, kept):
+    vs = tta_views("flip-shift", mirror=mirror, shift=shift)
+    assert [v.name for v in vs] == kept
+    assert sum(v.weight for v in vs) == pytest.approx(1.0)
+    full = {v.name: v.weight for v in views("flip-shift")}
+    assert [v.weight for v in vs] == pytest.approx([full[v.name] / sum(full[k] for k in kept) for v in vs])
+    s12 = [v.name for v in tta_views("saccadic12", mean=MEAN, std=STD, mirror=mirror, shift=shift)]
+    assert ("flip" in s12) == mirror and ("zoom+flip" in s12) == mirror and len(s12) == (12 if mirror else 10)
+
+
+def test_invariances_come_from_the_training_config():
+    def meta(size, **aug):
+        return {"config": {"data": {"aug": {"hflip": True, "crop_padding": 4, **aug}}},
+                "preprocess": {"img_size": size}}
+
+    assert trained_invariances(meta(32)) == {"mirror": True, "shift": True}
+    assert trained_invariances(meta(8, hflip=False, crop_padding=0)) == {"mirror": False, "shift": False}
+    assert trained_invariances(meta(224, crop_padding=0)) == {"mirror": True, "shift": True}  # random resized crops
+    assert trained_invariances({}) == {"mirror": True, "shift": True}  # no config: every view
 
 
 def test_sets_are_listed_and_unknown_names_rejected():

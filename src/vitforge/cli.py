@@ -223,7 +223,8 @@ def _pseudo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="CV_DIR_OR_CKPT",
                    help="CV directories (all their folds) and/or run directories or checkpoints: the ensemble")
     p.add_argument("--images", required=True, help="folder of unlabeled images (searched recursively)")
-    p.add_argument("--out", required=True, help="CSV to write (file,label,score,...; use as data.extra=)")
+    p.add_argument("--out", help="CSV to write (file,label,score,...; use as data.extra=); default: "
+                                 "pseudo_labels.csv in the first CV/run directory (or beside the first checkpoint)")
     p.add_argument("--threshold", type=float, default=0.98, help="minimum averaged confidence (default 0.98)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip, flip-shift, saccadic12")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -234,7 +235,9 @@ def _pseudo_args(p: argparse.ArgumentParser) -> None:
 def _run_pseudo(a: argparse.Namespace) -> int:
     from vitforge.pseudo_label import format_result, pseudo_label
 
-    r = pseudo_label(a.sources, a.images, out=a.out, threshold=a.threshold, tta=a.tta, overwrite=a.overwrite,
+    first = Path(a.sources[0]).expanduser()
+    out = a.out or (first if first.is_dir() else first.parent) / "pseudo_labels.csv"
+    r = pseudo_label(a.sources, a.images, out=out, threshold=a.threshold, tta=a.tta, overwrite=a.overwrite,
                      batch_size=a.batch_size, device=a.device)
     print(format_result(r))
     return 0

@@ -27,6 +27,7 @@ import numpy as np
 
 from vitforge.config import Config, load_config, to_dict
 from vitforge.errors import ConfigError
+from vitforge.eval.tta import check_tta_name
 
 log = logging.getLogger("vitforge")
 # Settings a rerun may change without invalidating the folds already trained (they only affect speed and output).
@@ -82,6 +83,7 @@ class CrossValidation:
     def __init__(self, cfg: Config, folds: int, *, cv_dir: str | Path | None = None, hooks=None, tta: str = "none"):
         if cfg.data.val:
             raise ConfigError("data.val: cross-validation holds out its own folds; unset data.val")
+        check_tta_name(tta)  # before fold 0 trains, not when its out-of-fold predictions are made
         self.cfg, self.folds, self.hooks, self.tta = cfg, folds, hooks, tta
         self.dir = Path(cv_dir) if cv_dir else default_cv_dir(cfg, folds)
         self.progress_path = self.dir / "progress.json"

@@ -50,11 +50,30 @@ def is_model(name: str) -> bool:
     return name in _MODELS or (":" in name and name.split(":", 1)[0] in _PREFIXES)
 
 
+def _library_name(name: str) -> str | None:
+    """`tv:<name>` or `timm:<name>` when a library has a model called `name` (no network, no weights)."""
+    import torchvision.models
+
+    if name in torchvision.models.list_models(torchvision.models):
+        return f"tv:{name}"
+    try:
+        import timm
+
+        if timm.is_model(name):
+            return f"timm:{name}"
+    except ImportError:  # timm is optional for the names vitforge registers itself
+        pass
+    return None
+
+
 def model_factory(name: str) -> Callable[..., nn.Module]:
     _ensure_loaded()
     if name not in _MODELS:
         close = [n for n in _MODELS if name.lower() in n or n in name.lower()][:8]
         hint = f" (similar: {', '.join(close)})" if close else " (see `vitforge models`)"
+        library = _library_name(name)
+        if library:
+            hint = f"; did you mean {library!r}?"
         raise ConfigError(f"model.name: unknown model {name!r}{hint}")
     return _MODELS[name]
 
@@ -76,21 +95,40 @@ def create_model(name: str, **kwargs) -> nn.Module:
     _check_kwargs(name, fn, kwargs)
     try:
         model = fn(**kwargs)
-    except TypeError as e:  # a **kwargs factory forwarding an argument its class does not take
-        if "unexpected keyword argument" not in str(e):
-            raise
-        arg = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
-        raise ConfigError(f"model {name!r} does not take argument {arg!r}") from None
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):  # a **kwargs factory forwarding an argument its class lacks
+            arg = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
+            raise ConfigError(f"model {name!r} does not take argument {arg!r}") from None
+        raise _build_error(name, kwargs, e) from e
+    except (ValueError, IndexError, KeyError, AssertionError) as e:  # constructors validate their arguments
+        raise _build_error(name, kwargs, e) from e
     model.vitforge_name = name  # type: ignore[attr-defined]
     return model
 
 
+def _build_error(name: str, kwargs: dict, e: Exception) -> ConfigError:
+    user = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    args = ", ".join(f"{k}={v!r}" for k, v in user.items()) or "its defaults"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(f"model {name!r} cannot be built with {args}: {msg}")
+
+
+_SCALARS = (bool, int, float, str)
+
+
 def _check_kwargs(name: str, fn: Callable, kwargs: dict) -> None:
     sig = inspect.signature(fn)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    unknown = sorted(set(kwargs) - set(sig.parameters))
-    if unknown:
-        raise ConfigError(
-            f"model {name!r} does not take argument(s) {', '.join(unknown)}; it takes: {', '.join(sig.parameters)}"
-        )
+    params = sig.parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ConfigError(
+                f"model {name!r} does not take argument(s) {', '.join(unknown)}; it takes: {', '.join(params)}"
+            )
+    for key, value in kwargs.items():  # a text default wants text, a number or flag wants one (`img_size=abc`)
+        default = params[key].default if key in params else None
+        if not isinstance(default, _SCALARS) or value is None:
+            continue
+        if isinstance(default, str) != isinstance(value, str):
+            kind = "text" if isinstance(default, str) else type(default).__name__
+            raise ConfigError(f"model {name!r} argument {key}: expected {kind} (default {default!r}), got {value!r}")

@@ -25,6 +25,7 @@ from vitforge.data.pipeline import Split
 from vitforge.errors import DataError, VitforgeError
 from vitforge.eval import figures
 from vitforge.eval.ensemble import ensemble_metrics, run_ensemble
+from vitforge.eval.tta import trained_invariances
 
 GRID = 36  # seed 002's prediction grid
 PAIRS, PER_PAIR = 5, 6
@@ -278,10 +279,12 @@ def build_report(run: str | Path, *, data: str | None = None, tta: str = "flip-s
 
 def _notes(ckpt: dict, tta: str, ens) -> list[str]:
     notes = []
-    aug = (ckpt.get("config") or {}).get("data", {}).get("aug", {})
-    if tta != "none" and aug.get("hflip") is False:
-        notes.append(f"This run was trained without horizontal flips (data.aug.hflip=false): the flipped views of "
-                     f"--tta {tta} are images the model never saw, so TTA may lower the accuracy here.")
+    inv = trained_invariances(ckpt)
+    missing = [(aug, views) for key, aug, views in (("mirror", "horizontal flips", "mirrored"),
+                                                    ("shift", "random crops", "shifted")) if not inv[key]]
+    if tta != "none" and missing:
+        notes.append(f"This run was trained without {' or '.join(a for a, _ in missing)}: --tta {tta} leaves out its "
+                     f"{' and '.join(v for _, v in missing)} views, images the model never saw.")
     if ens.unreadable:
         notes.append(f"{len(ens.unreadable)} unreadable image(s) skipped, e.g. {ens.unreadable[0]}.")
     return notes

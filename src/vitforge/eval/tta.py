@@ -162,16 +162,39 @@ def check_tta_name(name: str) -> str:
     return name
 
 
-def tta_views(name: str, *, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> list[View]:
+def tta_views(name: str, *, mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+              mirror: bool = True, shift: bool = True) -> list[View]:
     """The views of a named set (the first is always the identity).
 
     Args:
         name: none (1 view), flip (2), flip-shift (6, airbench weights), saccadic12 (12, seed 000, equal weights).
         mean, std: (C,) normalisation of the batches on their device (only `saccadic12`'s colour view needs them).
+        mirror: False drops the mirrored views (for a model trained without horizontal flips, e.g. on digits or
+            text, to which a mirrored image is out of distribution).
+        shift: False drops the whole-image shifts of flip-shift (for a small-image model trained without random
+            crops). The kept views' weights are rescaled to sum to 1.
 
     Raises:
         ConfigError: unknown name (the message lists the known sets).
     """
+    views = _named_views(name, mean, std)
+    kept = [v for v in views if (mirror or "flip" not in v.name) and (shift or not v.name.startswith("shift"))]
+    total = sum(v.weight for v in kept)
+    return [View(v.name, v.fn, v.weight / total) for v in kept]
+
+
+def trained_invariances(meta: dict) -> dict[str, bool]:
+    """What a checkpoint's training augmentation taught it to ignore: {"mirror", "shift"} for `tta_views`.
+
+    mirror: `data.aug.hflip` was on. shift: random crops were on (`data.aug.crop_padding` > 0 for images of at most
+    64 px; larger images are trained with random resized crops). A checkpoint without a config keeps every view.
+    """
+    aug = (((meta.get("config") or {}).get("data") or {}).get("aug")) or {}
+    small = int((meta.get("preprocess") or {}).get("img_size") or 0) <= 64
+    return {"mirror": aug.get("hflip") is not False, "shift": not (small and aug.get("crop_padding") == 0)}
+
+
+def _named_views(name: str, mean: torch.Tensor | None, std: torch.Tensor | None) -> list[View]:
     check_tta_name(name)
     if name == "none":
         return [View("centre", identity, 1.0)]
@@ -184,11 +207,23 @@ def tta_views(name: str, *, mean: torch.Tensor | None = None, std: torch.Tensor 
     return _saccadic12(mean, std)
 
 
+def outputs_probabilities(model: torch.nn.Module) -> bool:
+    """True for a model whose outputs are already class probabilities (SClusterFormer with `double_softmax`)."""
+    for attr in ("_orig_mod", "module"):  # torch.compile / DDP wrappers
+        model = getattr(model, attr, model)
+    return bool(getattr(model, "double_softmax", False)) and bool(getattr(model, "num_classes", 0))
+
+
 def forward_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """softmax of the model's logits in float32; several heads (DeiT CLS + distillation) are averaged first."""
+    """Class probabilities (B, K) in float32: softmax of the logits (several heads, e.g. DeiT CLS + distillation, are
+    averaged first); a model that already outputs probabilities is only renormalised (its weighted mix of softmaxes
+    may stray below 0 when the branch weight leaves [0, 1]), not softmaxed a second time."""
     out = model(x)
     if isinstance(out, (tuple, list)):
         out = torch.stack([o.float() for o in out]).mean(0)
+    if outputs_probabilities(model):
+        p = out.float().clamp_min(0)
+        return p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return out.float().softmax(dim=1)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from vitforge.models.layers import DropPath, LayerScale, Mlp, PatchEmbed
+from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.class_attention import ClassAttentionBlock
 from vitforge.models.layers.talking_heads import TalkingHeadAttention
 from vitforge.models.vit import IMAGENET_NORM
@@ -52,7 +53,7 @@ class TalkingHeadsBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class Cait(nn.Module):
+class Cait(GradCheckpointing, nn.Module):
     """CaiT classifier.
 
     Args:
@@ -144,10 +145,10 @@ class Cait(nn.Module):
         """(B, C, H, W) -> normalised tokens (B, 1 + N, D), CLS first."""
         x = self.pos_drop(self.patch_embed(x) + self.pos_embed)  # (B, N, D)
         for blk in self.blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D): CLS joins late
         for blk in self.blocks_token_only:
-            x = blk(x)  # updates x[:, 0] only
+            x = self.run_block(blk, x)  # updates x[:, 0] only
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

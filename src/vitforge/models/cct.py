@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from vitforge.models.layers import Attention, DropPath, Mlp, PatchEmbed, drop_path_rates
+from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.pos_embed import sincos_1d
 from vitforge.models.vit import CIFAR10_NORM
 from vitforge.registry import register_model
@@ -90,7 +91,7 @@ class SeqPool(nn.Module):
         return (self.weights(x).transpose(1, 2) @ x).squeeze(1)  # (B, 1, N) @ (B, N, D)
 
 
-class CompactTransformer(nn.Module):
+class CompactTransformer(GradCheckpointing, nn.Module):
     """CCT (conv tokenizer + sequence pooling) or ViT-Lite (patch embedding + CLS token).
 
     Args:
@@ -199,7 +200,7 @@ class CompactTransformer(nn.Module):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

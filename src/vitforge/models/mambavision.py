@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitforge.models.layers import Attention, DropPath, Mlp, drop_path_rates
+from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.ssm_scan import IMPLS as SCAN_IMPLS
 from vitforge.models.layers.ssm_scan import selective_scan_fn
 from vitforge.registry import register_model
@@ -242,7 +243,7 @@ class MambaVisionBlock(nn.Module):
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
-class MambaVisionLevel(nn.Module):
+class MambaVisionLevel(GradCheckpointing, nn.Module):
     """One stage (upstream `MambaVisionLayer`): conv blocks, or hybrid blocks on zero-padded windows; then downsample.
 
     Hybrid stages pad right/bottom with zeros to multiples of `window_size`, run every block on the windows (padded
@@ -278,7 +279,7 @@ class MambaVisionLevel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 2C, ceil(H/2), ceil(W/2)), or (B, C, H, W) for the last stage."""
         if self.conv:
-            for blk in self.blocks:
+            for blk in self.blocks:  # not checkpointed: recomputing BatchNorm would count its batch twice
                 x = blk(x)
         else:
             x = self._windowed(x)
@@ -291,12 +292,12 @@ class MambaVisionLevel(nn.Module):
         x = F.pad(x, (0, pad_r, 0, pad_b))  # (B, C, Hp, Wp), zeros right and bottom
         t = window_partition(x, ws)  # (B·nH·nW, ws², C)
         for blk in self.blocks:
-            t = blk(t)
+            t = self.run_block(blk, t)
         return window_reverse(t, ws, H + pad_b, W + pad_r)[:, :, :H, :W]  # (B, C, H, W)
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
-class MambaVision(nn.Module):
+class MambaVision(GradCheckpointing, nn.Module):
     """MambaVision classifier.
 
     Args:

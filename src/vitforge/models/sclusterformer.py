@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from vitforge.models.layers import drop_path_rates
 from vitforge.models.layers.attention import IMPLS as ATTN_IMPLS
 from vitforge.models.layers.attention import record_attention
+from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.cluster_attention import ClusterBlock
 from vitforge.models.layers.deform_conv import DeformConv2d, PseudoDeformConv3d
 from vitforge.registry import register_model
@@ -149,7 +150,7 @@ class PixelEmbedding(nn.Module):
         return (size + 2 * p - k) // s + 1
 
 
-class ClusterBranch(nn.Module):
+class ClusterBranch(GradCheckpointing, nn.Module):
     """Stages of (pixel embedding, cluster blocks, LayerNorm); the tokens go back to a map between stages.
 
     Args:
@@ -182,7 +183,7 @@ class ClusterBranch(nn.Module):
         for i, (embed, blocks, norm) in enumerate(zip(self.embeds, self.stages, self.norms, strict=True)):
             x, hw = embed(x)  # (B, N_i, D_i)
             for blk in blocks:
-                x = blk(x, hw)
+                x = self.run_block(blk, x, hw)
             x = norm(x)
             if i < len(self.stages) - 1:
                 x = x.transpose(1, 2).reshape(x.shape[0], -1, *hw)  # (B, D_i, H_i, W_i)
@@ -235,7 +236,7 @@ class FusionEncoder(nn.Module):
 
 
 # ---- classifiers -----------------------------------------------------------------------------------------------------
-class _TwoBranchClassifier(nn.Module):
+class _TwoBranchClassifier(GradCheckpointing, nn.Module):
     """Fusion, token means, shared head and the c-weighting. Subclasses build the stems and the two branches and
     define `forward_branches(x)` -> upper tokens (B, N_u, D), lower tokens (B, N_l, D).
 

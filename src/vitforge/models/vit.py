@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from vitforge.models.layers import Block, PatchEmbed, drop_path_rates, sincos_2d
+from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.class_attention import ClassTokenBlock
 from vitforge.models.layers.conv_stem import ConvStemPatchEmbed
 from vitforge.models.layers.rel_pos_bias import RelPosBias2d, stacked_biases
@@ -33,7 +34,7 @@ IMAGENET_NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 CIFAR10_NORM = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)}
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(GradCheckpointing, nn.Module):
     """ViT classifier.
 
     Args:
@@ -223,7 +224,7 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x)
         biases = stacked_biases(self.rel_pos) if self.rel_pos is not None else [None] * len(self.blocks)
         for blk, bias in zip(self.blocks, biases, strict=True):
-            x = blk(x, bias)  # bias (h, k + N, k + N)
+            x = self.run_block(blk, x, bias)  # bias (h, k + N, k + N)
         return self.norm(x)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,13 @@ import torch.nn as nn
 from vitforge.checkpoint import load_checkpoint, save_checkpoint
 from vitforge.config import Config, from_dict, load_config, to_dict
 from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, open_data, resolve_preprocess
-from vitforge.data.pipeline import use_device_cache
+from vitforge.data.pipeline import FeatureSource, use_device_cache
 from vitforge.data.sources import default_cache_dir
 from vitforge.errors import ConfigError
 from vitforge.eval.evaluate import evaluate
 from vitforge.models.backbones import classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
+from vitforge.models.layers.checkpointing import supports_grad_checkpointing
 from vitforge.train import distributed as D
 from vitforge.train import sam
 from vitforge.train.ema import ModelEma, ema_decay_at
@@ -142,12 +143,15 @@ class Trainer:
         self.model.to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if cfg.train.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
+        if cfg.train.grad_checkpointing:
+            if not supports_grad_checkpointing(self.model):
+                raise ConfigError(f"train.grad_checkpointing: model {cfg.model.name!r} does not support it")
             self.model.set_grad_checkpointing(True)
         decay = layer_decay_ids(self.model) if cfg.optim.layer_decay else (None, None)
         self.groups = param_groups(self.model, cfg.optim, *decay)
         self.optimizer = build_optimizer(self.groups, cfg.optim, self.device)
         self.amp_dtype = _amp_dtype(cfg.train.amp, self.device)
+        self._probe_input()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.ema = ModelEma(self.model, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
         self.criterion = self._criterion().to(self.device)
@@ -155,6 +159,32 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+    def _probe_input(self) -> None:
+        """One zero image through the model (eval mode, no gradients; no state or RNG changes) before any run
+        directory exists: a model that cannot take this data's input (channels, bands, size) is a one-line error
+        naming the model here, not a traceback at the first training step."""
+        src = self.data.train.source
+        if isinstance(src, FeatureSource):
+            shape = tuple(src.features.shape[1:])
+        else:
+            shape = (3, self.pre.img_size, self.pre.img_size)
+        x = torch.zeros((1, *shape), device=self.device)
+        if self.cfg.train.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                self.model(x)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.name: {self.cfg.model.name!r} cannot take this data's input {shape}: "
+                              f"{first}") from e
+        finally:
+            self.model.train(was_training)
 
     def _criterion(self) -> nn.Module:
         cfg = self.cfg
