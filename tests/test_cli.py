@@ -61,6 +61,22 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     assert err.startswith("vitforge: error: ") and message in err and "\n" not in err, err
 
 
+@pytest.mark.parametrize("value, says", [("0", "must be >= 1, got 0"), ("-3", "must be >= 1, got -3"),
+                                         ("x", "expected a whole number >= 1, got 'x'")])
+@pytest.mark.parametrize("verb", [["eval", "run", "--data", "digits"],
+                                  ["predict", "run", "--images", "d", "--out", "o"],
+                                  ["report", "run"], ["verify-attention", "vit_demo"]])
+def test_batch_size_must_be_positive(verb, value, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*verb, "--batch-size", value])
+    assert exc.value.code == 2 and f"argument --batch-size: {says}" in capsys.readouterr().err
+
+
+def test_predict_checks_its_output_before_predicting(tmp_path, capsys):
+    assert main(["predict", "/no/such/run", "--images", str(tmp_path), "--out", "/proc/preds.csv"]) == 2
+    assert "--out /proc/preds.csv: cannot write in /proc" in capsys.readouterr().err
+
+
 def test_not_a_checkpoint(tmp_path, capsys):
     junk = tmp_path / "weights.pt"
     junk.write_bytes(b"not a checkpoint")

@@ -141,6 +141,8 @@ def test_build_teacher_from_checkpoint_uses_load_model(monkeypatch, tmp_path):
 def test_build_teacher_rejects_unknown_spec():
     with pytest.raises(ConfigError, match="distill.teacher"):
         build_teacher("no_such_model_or_path", num_classes=K, device="cpu")
+    with pytest.raises(ConfigError, match="^distill.teacher: timm has no model 'nosuch_model'"):
+        build_teacher("timm:nosuch_model", num_classes=K, device="cpu")
 
 
 def test_build_criterion():

@@ -144,3 +144,37 @@ def test_bad_format_is_a_one_line_error(ckpt, capsys):
     with pytest.raises(SystemExit) as e:  # argparse rejects it before anything is loaded
         main(["export", str(ckpt), "--format", "tflite"])
     assert e.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+HYBRIDS = {"mambavision_cifar": dict(dim=16, in_dim=8, num_heads=(1, 1, 2, 4)), "sclusterformer_rgb": dict(img_size=32)}
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_hybrid_models_export_or_say_why_not(name, tmp_path):
+    torch.manual_seed(0)
+    kwargs = {**HYBRIDS[name], "num_classes": 4}
+    model = build_model(name, kwargs).eval()
+    meta = meta_for(model, name, kwargs)
+    meta["preprocess"]["img_size"] = 32
+    for fmt in ("safetensors", "torchscript"):
+        r = export_model(model, meta, fmt, tmp_path / f"m.{fmt}")
+        assert r["ok"] and r["max_abs_diff"] <= 1e-4, (fmt, r)
+    if name == "mambavision_cifar":
+        r = export_model(model, meta, "onnx", tmp_path / "m.onnx")
+        assert r["ok"] and r["max_abs_diff"] <= 1e-4
+    else:  # torchvision's deformable convolution has no ONNX operator: one line, no half-written file
+        said = r"^--format onnx: sclusterformer_rgb cannot be exported to ONNX opset 17: .*deform_conv2d.*"
+        with pytest.raises(VitforgeError, match=said + r" \(safetensors and torchscript still work\)$"):
+            export_model(model, meta, "onnx", tmp_path / "m.onnx")
+        assert not (tmp_path / "m.onnx").exists()
+
+
+def test_output_and_option_checks_come_before_any_work(ckpt, tmp_path, capsys):
+    assert main(["export", str(ckpt), "--format", "onnx", "--tol", "-1"]) == 2
+    assert "--tol: must be > 0, got -1.0" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: is a directory" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", "/proc/m.pt"]) == 2
+    assert "--out /proc/m.pt: cannot write in /proc" in capsys.readouterr().err
+    assert not (ckpt / "export" / "model.torchscript.pt").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import torch.nn as nn
 from vitforge.eval.verify import _block_report, check_attention, run_verify_attention
 from vitforge.models.cct import ConvTokenizer
 from vitforge.models.convert import from_timm, load_timm_state_dict
-from vitforge.models.layers import Attention, drop_path_rates, set_attention_impl
+from vitforge.models.layers import Attention, DropPath, drop_path_rates, set_attention_impl
 from vitforge.models.layers.class_attention import ClassAttention, ClassAttentionBlock, ClassTokenBlock
 from vitforge.models.layers.rel_pos_bias import RelPosBias2d, relative_position_index
 from vitforge.models.vit import VisionTransformer
@@ -345,6 +346,51 @@ def test_verify_attention_reports_failures_and_plain_models():
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
     report = check_attention(cnn, torch.randn(1, 3, 8, 8))
     assert report["ok"] and report["blocks"] == [] and "note" in report
+
+
+def test_verify_attention_cli_json_and_exit_codes(monkeypatch, capsys):
+    from vitforge.cli import main
+
+    assert main(["verify-attention", "minivit_cifar", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and len(report["blocks"]) == 9 and report["blocks"][0]["A"] == [2, 12, 66, 66]
+    assert main(["verify-attention", "minivit_cifar", "depth=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  ok\n") == 2 and out.rstrip().endswith("attention check passed")
+    monkeypatch.setattr("vitforge.eval.verify.SOFTMAX_TOL", 0.0)  # no row sum is exactly 1 in float32: all fail
+    assert main(["verify-attention", "minivit_cifar", "depth=2"]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("attention check FAILED")
+
+
+def test_attention_check_runs_at_the_first_training_step(tmp_path, monkeypatch):
+    from vitforge.config import load_config
+    from vitforge.errors import VitforgeError
+    from vitforge.train.trainer import train
+
+    args = ["model.name=vit_demo", "data.train=digits", "data.limit=80", "data.batch_size=16", "train.max_steps=2",
+            "train.epochs=1",
+            "train.device=cpu", "run.progress=none", "train.threads=1", f"run.dir={tmp_path}"]
+    run = train(load_config(None, [*args, "run.name=ok"]))
+    report = json.loads((run / "attention_check.json").read_text())
+    assert report["ok"] and len(report["blocks"]) == 4 and report["blocks"][0]["Q"][0] == 2
+    assert "attention check: 4 blocks" in (run / "train.log").read_text()
+    monkeypatch.setattr("vitforge.eval.verify.SOFTMAX_TOL", 0.0)
+    with pytest.raises(VitforgeError, match=r"train.verify_attention: the attention check failed in 4 block\(s\)"):
+        train(load_config(None, [*args, "run.name=bad"]))
+    assert not json.loads((tmp_path / "bad" / "attention_check.json").read_text())["ok"]
+
+
+def test_drop_path_drops_whole_samples_and_rescales_survivors():
+    torch.manual_seed(0)
+    dp = DropPath(0.25)
+    x = torch.ones(4000, 3, 5)
+    y = dp.train()(x)
+    per_sample = y.flatten(1)
+    kept = (per_sample != 0).all(1)
+    assert ((per_sample == 0).all(1) | kept).all()  # all of a sample or none of it
+    assert torch.equal(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))
+    assert abs(kept.float().mean().item() - 0.75) < 0.03 and abs(y.mean().item() - 1.0) < 0.05  # unbiased
+    assert torch.equal(dp.eval()(x), x) and torch.equal(DropPath(0.0).train()(x), x)
 
 
 # ---- classifier contract over the family -------------------------------------------------------------------------

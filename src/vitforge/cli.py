@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from vitforge.errors import VitforgeError
+from vitforge.outputs import check_output
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _model_set_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint files or run directories; several form an ensemble (probabilities averaged)")
     p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per checkpoint")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto")
 
 
@@ -140,8 +141,7 @@ def _run_predict(a: argparse.Namespace) -> int:
 
     fmt = format_from_args(kaggle=a.kaggle, id_column=a.id_column, id_from=a.id_from, label_column=a.label_column,
                            label_as=a.label_as, probs=a.probs, prob_prefix=a.prob_prefix)
-    if Path(a.out).exists() and not a.overwrite:
-        raise VitforgeError(f"--out {a.out} already exists; pass --overwrite to replace it")
+    check_output(a.out, overwrite=a.overwrite)  # before the models run
     pred = predict_ensemble(a.checkpoints, a.images, tta=a.tta, weights=a.weights, batch_size=a.batch_size,
                             device=a.device)
     path = write_submission(pred, a.out, fmt, overwrite=a.overwrite)
@@ -156,7 +156,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="labelled dataset to evaluate on (default: the run's own held-out split)")
     p.add_argument("--tta", default="flip-shift", help=f"{TTA_HELP}, compared with no TTA (default flip-shift)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto")
 
 
@@ -228,7 +228,7 @@ def _pseudo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.98, help="minimum averaged confidence (default 0.98)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip, flip-shift, saccadic12")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto")
 
 
@@ -284,7 +284,7 @@ def _run_info(a: argparse.Namespace) -> int:
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="registered model name")
     p.add_argument("overrides", nargs="*", help="constructor arguments, e.g. depth=4")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--json", action="store_true")
 
 
@@ -342,6 +342,17 @@ def _version() -> str:
     from vitforge import __version__
 
     return f"vitforge {__version__}"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

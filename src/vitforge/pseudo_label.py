@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vitforge.errors import VitforgeError
+from vitforge.outputs import check_output
 
 
 def expand_sources(sources) -> list[Path]:
@@ -69,8 +70,7 @@ def pseudo_label(sources, images: str | Path, *, out: str | Path, threshold: flo
     folder, out = Path(images).expanduser(), Path(out).expanduser()
     if not folder.is_dir():
         raise VitforgeError(f"--images {folder}: not a folder of images")
-    if out.exists() and not overwrite:
-        raise VitforgeError(f"--out {out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite=overwrite)  # before the ensemble runs
     pred = predict_ensemble(expand_sources(sources), str(folder), tta=tta, batch_size=batch_size, device=device)
     probs, per_model, classes = pred["probs"], pred["per_model_probs"], pred["classes"]
     keep = np.flatnonzero(select_pseudo_labels(probs, per_model, threshold))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vitforge.errors import VitforgeError
+from vitforge.outputs import check_output
 
 ID_FROM = ("path", "name", "stem")
 LABEL_AS = ("name", "index")
@@ -99,9 +100,7 @@ def rows(pred: dict, fmt: CsvFormat) -> list[list[str]]:
 
 def write_submission(pred: dict, out: str | Path, fmt: CsvFormat = CsvFormat(), *, overwrite: bool = False) -> Path:
     """Write `pred` as CSV; an existing file is only replaced with `overwrite` (the write is atomic)."""
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise VitforgeError(f"--out {path} already exists; pass --overwrite to replace it")
+    path = check_output(out, overwrite=overwrite)
     cols, body = header(pred["classes"], fmt), rows(pred, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -48,6 +48,10 @@ def export_model(model, meta: dict, fmt: str, out: str | Path, *, overwrite: boo
     """
     if fmt not in FORMATS:
         raise VitforgeError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not tol > 0:
+        raise VitforgeError(f"--tol: must be > 0, got {tol}")
+    if batch_size < 1:
+        raise VitforgeError(f"--batch-size: must be >= 1, got {batch_size}")
     out = Path(out)
     if fmt == "onnx":
         from vitforge.export.onnx import export_onnx as run

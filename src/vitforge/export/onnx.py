@@ -7,7 +7,10 @@ so no model needs the manual attention path for ONNX (checked for every ViT-fami
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch.nn as nn
@@ -49,16 +52,38 @@ def export_onnx(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = Fa
     shape = input_shape(model, meta)
     inputs = example_inputs(shape, batch_size)
     ref = reference(module, inputs)  # before exporting: the export must not be able to change what it is compared to
-    with quiet_tracing(), torch.no_grad():
-        torch.onnx.export(module, (inputs[0],), str(out), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+    try:  # on a failed operator the exporter's C++ prints the whole graph to stdout
+        with quiet_tracing(), torch.no_grad(), _stdout_to_devnull():
+            torch.onnx.export(module, (inputs[0],), str(out), input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:  # e.g. an operator ONNX has no form for
+        out.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VitforgeError(f"--format onnx: {meta.get('model_name', 'the model')} cannot be exported to ONNX "
+                            f"opset {opset}: {first[:300]} (safetensors and torchscript still work)") from e
     _add_metadata(onnx, out, export_config(meta, shape))
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     ours = [session.run(["logits"], {"images": x.numpy()})[0] for x in inputs]
     diff = max_abs_diff(ours, ref)
     check = f"onnxruntime {ort.__version__} vs PyTorch, batches {[len(x) for x in inputs]}, opset {opset}"
     return report("onnx", [out], diff, tol, check, shape, _attention_impl(model))
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull():
+    """Point file descriptor 1 at /dev/null (C++ writes bypass `sys.stdout`), then restore it."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _add_metadata(onnx, path: Path, config: dict) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vitforge.errors import VitforgeError
+from vitforge.outputs import check_output
 
 
 class LogitsModule(nn.Module):
@@ -62,8 +62,7 @@ def max_abs_diff(ours: list, ref: list[torch.Tensor]) -> float:
 def guard_outputs(paths: list[Path], overwrite: bool) -> None:
     """Refuse to replace existing files without `overwrite`; create the parent folders."""
     for p in paths:
-        if p.exists() and not overwrite:
-            raise VitforgeError(f"--out {p} already exists; pass --overwrite to replace it")
+        check_output(p, overwrite=overwrite)
         p.parent.mkdir(parents=True, exist_ok=True)
 
 

@@ -129,12 +129,11 @@ def build_teacher(spec: str, *, num_classes: int, device: str | torch.device, cl
     """
     from vitforge.registry import create_model, is_model
 
-    if spec.startswith("timm:"):
-        import timm
-
-        teacher = timm.create_model(spec.split(":", 1)[1], pretrained=False, num_classes=num_classes)
-    elif is_model(spec):
-        teacher = create_model(spec, num_classes=num_classes)
+    if spec.startswith("timm:") or is_model(spec):
+        try:
+            teacher = create_model(spec, num_classes=num_classes)
+        except ConfigError as e:  # unknown timm name (with suggestions), bad arguments
+            raise ConfigError(f"distill.teacher: {str(e).removeprefix('model.name: ')}") from None
     elif Path(spec).exists():
         from vitforge.checkpoint import load_model
 

@@ -27,7 +27,7 @@ from vitforge.config import Config, from_dict, load_config, to_dict
 from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, open_data, resolve_preprocess
 from vitforge.data.pipeline import FeatureSource, use_device_cache
 from vitforge.data.sources import default_cache_dir
-from vitforge.errors import ConfigError
+from vitforge.errors import ConfigError, VitforgeError
 from vitforge.eval.evaluate import evaluate
 from vitforge.models.backbones import classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
@@ -432,7 +432,9 @@ class Trainer:
             log.info("attention check: %d blocks, max |row-sum - 1| = %.2e, ok=%s", len(report["blocks"]),
                      report.get("max_err", 0.0), report["ok"])
             if not report["ok"]:
-                raise RuntimeError(f"attention check failed, see {self.run.path / 'attention_check.json'}")
+                bad = [b["name"] for b in report["blocks"] if not b["ok"]]
+                raise VitforgeError(f"train.verify_attention: the attention check failed in {len(bad)} block(s) "
+                                    f"(first: {bad[0]}); see {self.run.path / 'attention_check.json'}")
 
     # ---- epoch end: evaluation, logging, checkpoints ------------------------------------------------------------
     def _end_epoch(self, train_secs: float, session_seen: int) -> dict:
