@@ -18,7 +18,7 @@ from vitforge.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "cifar10"
-NAMES = ["minivit", "deit_kd", "teacher_resnet", "teacher_fast", "cct_7_3x1"]
+NAMES = ["minivit", "deit_kd", "teacher_resnet", "teacher_fast", "cct_7_3x1", "sclusterformer_rgb64"]
 FAST = ["data.limit=48", "data.val_split=64", "data.batch_size=16", "data.eval_batch_size=64", "train.max_steps=2",
         "train.device=cpu", 'train.compile="off"', "data.aug.backend=device", "run.tensorboard=false",
         "run.progress=none"]
@@ -29,9 +29,11 @@ TINY = {
     "teacher_resnet": ["model.args.widths=[8,16,16,32]"],
     "teacher_fast": ["model.args.widths=[8,16,16]"],
     "cct_7_3x1": ["model.args.embed_dim=64", "model.args.depth=2", "model.args.num_heads=2"],
+    "sclusterformer_rgb64": [],
 }
 POLICY = {"minivit": G.AutoAugment, "deit_kd": G.TrivialAugmentWide, "teacher_resnet": G.TrivialAugmentWide,
-          "teacher_fast": type(None), "cct_7_3x1": G.RandAugment}
+          "teacher_fast": type(None), "cct_7_3x1": G.RandAugment,
+          "sclusterformer_rgb64": G.TrivialAugmentWide}
 
 
 def recipe(name: str) -> Path:
@@ -91,7 +93,7 @@ def _train(name: str, cifar: Path, tmp_path: Path, *extra: str) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("name", ["minivit", "teacher_fast", "cct_7_3x1"])
+@pytest.mark.parametrize("name", ["minivit", "teacher_fast", "cct_7_3x1", "sclusterformer_rgb64"])
 def test_recipe_trains_a_few_steps_on_cpu(name, cifar_parquet, tmp_path):
     _train(name, cifar_parquet, tmp_path)
 

@@ -5,6 +5,7 @@ balanced sampler on an imbalanced folder."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -117,6 +118,26 @@ def test_head_phase_trains_only_a_timm_classifier_outside_head_names(tmp_path, f
     t.fit()
     changed = {n for n, p in t.raw_model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"last_linear.weight", "last_linear.bias"}
+
+
+def test_second_phase_unfreezes_the_backbone_and_restarts_warmup_and_cosine(tmp_path, folder):
+    t = Trainer(_cfg(tmp_path, folder, "model.name=timm:test_vit", "train.epochs=4", "train.head_epochs=1",
+                     "train.head_lr=0.05", "optim.lr=1e-3", "schedule.warmup_epochs=1", "schedule.min_lr=0",
+                     "run.name=two"))
+    n = t.steps_per_epoch
+    assert [t.lr_for(s) for s in range(n)] == [0.05] * n  # head phase: constant head_lr
+    start = t.cfg.schedule.warmup_start * 1e-3
+    assert t.lr_for(n) == pytest.approx(start)  # phase 2 starts its own warmup from warmup_start * lr
+    assert t.lr_for(2 * n) == pytest.approx(1e-3)  # warmup over: the peak
+    assert t.lr_for(3 * n) == pytest.approx(0.5e-3)  # half-way down the cosine of the remaining 2 epochs
+    assert t.lr_for(4 * n) == pytest.approx(0.0, abs=1e-12)
+    before = {k: p.detach().clone() for k, p in t.raw_model.named_parameters()}
+    t.fit()
+    changed = {k for k, p in t.raw_model.named_parameters() if not torch.equal(p, before[k])}
+    assert all(p.requires_grad for p in t.raw_model.parameters())  # phase 2: everything trains
+    assert {"head.weight", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= changed
+    lrs = [json.loads(x)["lr"] for x in (t.run.path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.05, 1e-3 * (1 - 1 / n), t.lr_for(3 * n - 1), t.lr_for(4 * n - 1)])  # last steps
 
 
 def _imbalanced(root, counts=(24, 6, 3)):

@@ -442,7 +442,7 @@ class Trainer:
         seen = torch.tensor([st.seen, st.loss_sum, session_seen], device=self.device, dtype=self.acc_dtype)
         D.all_reduce_sum(seen)
         record = {"epoch": st.epoch, "step": st.step, "train_loss": seen[1].item() / max(seen[0].item(), 1),
-                  "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": seen[2].item() / max(train_secs, 1e-9),
+                  "lr": self.lr_for(max(st.step - 1, 0)), "img_per_s": seen[2].item() / max(train_secs, 1e-9),
                   "epoch_seconds": train_secs, "peak_mem_mb": _peak_mem_mb(self.device)}
         last = st.epoch + 1 == cfg.train.epochs or self._steps_exhausted()
         if self.val_stream is not None and ((st.epoch + 1) % cfg.train.eval_every == 0 or last):
