@@ -124,6 +124,16 @@ def test_resume_after_sigkill_and_sigint(tmp_path):
     assert subprocess.run([*VF, "train", "--resume", str(sig)], env=ENV, capture_output=True).returncode == 0
     _assert_same_run(tmp_path / "full", sig)
 
+    term = tmp_path / "sigterm"  # what a scheduler sends: saved like Ctrl-C, exit status 128 + 15
+    proc = subprocess.Popen([*VF, "train", *base, "run.name=sigterm"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(term, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and f"vitforge train --resume {term}" in err
+    assert subprocess.run([*VF, "train", "--resume", str(term)], env=ENV, capture_output=True).returncode == 0
+    _assert_same_run(tmp_path / "full", term)
+
 
 def _wait_for_step(run: Path, step: int, proc, timeout: float = 120) -> None:
     t0 = time.time()

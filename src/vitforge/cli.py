@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +64,7 @@ def _run_train(a: argparse.Namespace) -> int:
 
 def _fit(trainer) -> int:
     trainer.fit()
-    return 130 if getattr(trainer, "interrupted", False) else 0
+    return _exit_status(trainer)
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +88,7 @@ def _run_demo(a: argparse.Namespace) -> int:
     print(f"demo finished in {secs:.1f} s: best validation top-1 {best:.2f}% "
           f"({summary.get('val_images')} held-out digits), run directory {run}" if best is not None else
           f"demo stopped after {secs:.1f} s; run directory {run}")
-    return 130 if getattr(trainer, "interrupted", False) else 0
+    return _exit_status(trainer)
 
 
 # ---- eval / predict / report / export -------------------------------------------------------------------------------
@@ -344,6 +346,13 @@ def _version() -> str:
     return f"vitforge {__version__}"
 
 
+def _exit_status(trainer) -> int:
+    """0 when the run finished; 128 + the signal that stopped it (130 Ctrl-C, 143 SIGTERM) when it was saved early."""
+    if not getattr(trainer, "interrupted", False):
+        return 0
+    return 128 + int(getattr(trainer, "stop_signal", None) or signal.SIGINT)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -377,3 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `vitforge ... --json | head`: the reader left; no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

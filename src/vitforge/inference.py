@@ -17,7 +17,7 @@ log = logging.getLogger("vitforge")
 
 
 def _device(spec: str) -> torch.device:
-    return pick_device(spec, DistInfo())
+    return pick_device(spec, DistInfo(), option="--device")
 
 
 def _autocast(device: torch.device):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vitforge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -41,18 +43,38 @@ def init_distributed(device_kind: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def pick_device(spec: str, info: DistInfo) -> torch.device:
-    """`auto` = CUDA -> MPS -> CPU; under torchrun each process takes cuda:LOCAL_RANK."""
+def pick_device(spec: str, info: DistInfo, option: str = "train.device") -> torch.device:
+    """`auto` = CUDA -> MPS -> CPU; under torchrun each process takes cuda:LOCAL_RANK. A device that is not there
+    (or not a device) is a ConfigError naming `option`."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", info.local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and info.enabled and dev.index is None:
-        return torch.device("cuda", info.local_rank)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option}: {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"{option}: {spec} requested but CUDA is not available here (torch {torch.__version__}"
+                              f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'}); "
+                              f"use cpu or auto")
+        if info.enabled and dev.index is None:
+            dev = torch.device("cuda", info.local_rank)
+        if (dev.index or 0) >= n:
+            raise ConfigError(f"{option}: {dev} requested but only {n} CUDA device(s) are visible")
+    elif dev.type == "mps" and not _mps_available():
+        raise ConfigError(f"{option}: mps requested but Apple's MPS backend is not available here; use cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{option}: {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return dev
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def device_kind(spec: str) -> str:

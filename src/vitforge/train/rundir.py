@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -29,15 +31,90 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config, *, dataset_name: str) -> RunDir:
-        """A new run directory. An existing one with a checkpoint is never reused (nothing is overwritten)."""
+        """A new run directory. Nothing is overwritten: a directory holding a run (a checkpoint) or anything that is
+        not a vitforge run is refused for an explicit `run.name`; a default (time-stamped) name that is taken, e.g.
+        by a run started in the same second, gets a -2, -3, ... suffix and is claimed by an exclusive mkdir. A
+        directory from a start that never reached a checkpoint (config.yaml, train.log) may be reused."""
+        explicit = bool(cfg.run.name)
         name = cfg.run.name or default_name(cfg.model.name, dataset_name)
-        path = Path(cfg.run.dir) / name
-        run = cls(path)
-        if run.last.exists() or run.best.exists():
-            raise ConfigError(f"run.name: {path} already holds a run; continue it with `vitforge train --resume {path}`"
-                              f" or choose another run.name")
-        path.mkdir(parents=True, exist_ok=True)
-        return run
+        base = Path(cfg.run.dir) / name
+        path = base
+        for k in range(2, 1000):
+            run = cls(path)
+            if run.last.exists() or run.best.exists():
+                if explicit:
+                    raise ConfigError(f"run.name: {path} already holds a run; continue it with `vitforge train "
+                                      f"--resume {path}` or choose another run.name")
+            elif path.exists() and not path.is_dir():
+                if explicit:
+                    raise ConfigError(f"run.name: {path} is a file; choose another run.name")
+            elif path.exists() and any(path.iterdir()) and not run.config.exists():
+                if explicit:
+                    raise ConfigError(f"run.name: {path} already exists and is not a vitforge run (it holds other "
+                                      f"files); a run needs a new or empty directory: choose another run.name or "
+                                      f"run.dir")
+            else:
+                try:
+                    path.mkdir(parents=True, exist_ok=explicit)
+                    return run
+                except FileExistsError:  # another run claimed this default name a moment ago
+                    pass
+            path = base.with_name(f"{name}-{k}")
+        raise ConfigError(f"run.dir: could not find a free run name like {base}")
+
+    # ---- one process at a time -------------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def acquire(self) -> None:
+        """Mark the run as in use by this process (`.lock`: pid and host). A lock left by a process that is gone
+        (killed, crashed) is taken over; one held by a live process is a ConfigError naming it."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": _dt.datetime.now().isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None:
+                    raise ConfigError(f"{self.path} is in use by process {holder['pid']} on {holder['host']} (since "
+                                      f"{holder.get('since', '?')}); wait for it to finish or stop it first (if it "
+                                      f"is gone, remove {self.lock_path})") from None
+                self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+        raise ConfigError(f"{self.path}: could not take its lock {self.lock_path}")
+
+    def release(self) -> None:
+        try:
+            holder = json.loads(self.lock_path.read_text())
+        except (OSError, ValueError):
+            return
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.lock_path.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        """The live process holding the lock, or None if the lock is stale (or unreadable, i.e. half-written by a
+        process killed in between)."""
+        try:
+            holder = json.loads(self.lock_path.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if host != socket.gethostname():
+            return holder  # another machine (shared file system): cannot check, assume it is alive
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return holder
+        return None if _is_zombie(pid) else holder
 
     def write_config(self, cfg: Config) -> None:
         self.config.write_text(to_yaml(cfg))
@@ -61,6 +138,15 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         self.summary.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _is_zombie(pid: int) -> bool:
+    """A child that exited but was not reaped yet still answers kill(pid, 0)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def default_name(model: str, dataset: str) -> str:

@@ -82,6 +82,7 @@ class Trainer:
         assert cfg is not None
         self.cfg, self.hooks = cfg, hooks
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self.dist = D.init_distributed(D.device_kind(cfg.train.device))
         self.device = D.pick_device(cfg.train.device, self.dist)
         self._setup(ckpt)
@@ -111,6 +112,7 @@ class Trainer:
         self._build_optimization()
         self.state = Progress_()
         self.run = RunDir(Path(ckpt["path"]).parent.parent) if ckpt else None
+        self.resumed = bool(ckpt)
         if ckpt:
             self._restore(ckpt)
         # Different dropout/drop-path draws per rank (same weights: DDP broadcasts rank 0's at wrap time).
@@ -227,10 +229,19 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train to the end (or until stopped / early-stopped); returns the run directory."""
-        cfg = self.cfg
         if self.run is None:
             self.run = self._create_run()
         elif self.dist.main:
+            self.run.acquire()  # one process per run: a second `--resume` of a live run is refused
+        try:
+            return self._fit_locked()
+        finally:
+            if self.dist.main:
+                self.run.release()
+
+    def _fit_locked(self) -> Path:
+        cfg = self.cfg
+        if self.resumed and self.dist.main:
             self.run.truncate_metrics(self.state.epoch)
         handler = setup_file_logging(self.run) if self.dist.main else None
         self.progress = Progress(cfg.run.progress, self.dist.main)
@@ -523,6 +534,8 @@ class Trainer:
 
     def _create_run(self) -> RunDir:
         run = RunDir.create(self.cfg, dataset_name=self.cfg.data.train) if self.dist.main else None
+        if run is not None:
+            run.acquire()  # before anything is written: a run started at the same moment under this name loses
         if self.dist.enabled:  # every rank needs the same path
             import torch.distributed as dist
 
@@ -672,6 +685,7 @@ def _install_signal_handlers(trainer: Trainer):
         if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         trainer.stop_requested = True
+        trainer.stop_signal = signum
 
     try:
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
