@@ -16,7 +16,7 @@ from vitforge.cli import main
 from vitforge.config import load_config
 from vitforge.errors import ConfigError
 from vitforge.train.rundir import RunDir
-from vitforge.train.trainer import Trainer, train
+from vitforge.train.trainer import Trainer, absolute_paths, train
 
 QUICK = ["model.name=vit_demo", "model.args.depth=1", "data.train=digits", "data.limit=80", "data.batch_size=16",
          "train.epochs=1", "train.max_steps=2", "train.device=cpu", "run.progress=none", "train.threads=1",
@@ -93,3 +93,20 @@ def test_a_device_that_is_not_there_is_named_before_any_work(spec, says, tmp_pat
 def test_eval_device_option_is_checked(capsys):
     assert main(["eval", "/no/run", "--data", "digits", "--device", "gpu"]) == 2
     assert "--device: 'gpu' is not a device" in capsys.readouterr().err
+
+
+def test_relative_data_paths_are_stored_absolute_so_resume_works_from_anywhere(tmp_path, monkeypatch):
+    from conftest import make_image_folder
+
+    project = tmp_path / "project"
+    make_image_folder(project / "data" / "train", per_class=10, size=8)
+    monkeypatch.chdir(project)
+    base = [q for q in QUICK if not q.startswith(("data.train", "data.limit", "train.max_steps"))]
+    run = train(load_config(None, [*base, "data.train=data/train", "run.dir=runs", "run.name=rel"]))
+    stored = load_config(run / "config.yaml")
+    assert stored.data.train == str(project / "data" / "train")
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    assert main(["train", "--resume", str(project / "runs" / "rel"), "train.epochs=2"]) == 0
+    assert main(["eval", str(project / "runs" / "rel"), "--data", str(project / "data" / "train")]) == 0
+    (tmp_path / "digits").mkdir()  # a folder named like a bundled source does not turn the name into a path
+    assert absolute_paths(load_config(None, ["data.train=digits"])).data.train == "digits"

@@ -9,6 +9,7 @@ from there and ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -80,6 +81,8 @@ class Trainer:
             ckpt = load_checkpoint(resume, prefer="last")
             cfg = _resume_config(ckpt, overrides)
         assert cfg is not None
+        if ckpt is None:  # the run records where its files are, wherever it is resumed or evaluated from
+            cfg = absolute_paths(cfg)
         self.cfg, self.hooks = cfg, hooks
         self.stop_requested = False
         self.stop_signal: int | None = None
@@ -677,6 +680,30 @@ def _json(obj) -> str:
     import json
 
     return json.dumps(obj, indent=2, default=str)
+
+
+NAMED_SOURCES = ("digits", "cifar10", "cifar100")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of `cfg` whose file and folder settings that exist relative to the working directory are absolute
+    (`data.train/val/extra` keep a `:split` suffix; names such as `digits` or a registered teacher stay as they are),
+    so that `--resume`, `eval` and `report` work from any directory."""
+    cfg = copy.deepcopy(cfg)
+
+    def fix(value: str | None) -> str | None:
+        if not value or value.split(":")[0] in NAMED_SOURCES:
+            return value
+        path, sep, split = value.partition(":") if not Path(value).exists() else (value, "", "")
+        p = Path(path).expanduser()
+        return str(p.resolve()) + sep + split if p.exists() else value
+
+    d = cfg.data
+    d.train, d.val, d.extra, d.cache_dir = fix(d.train), fix(d.val), fix(d.extra), fix(d.cache_dir)
+    d.hsi.gt, d.hsi.extra_band = fix(d.hsi.gt), fix(d.hsi.extra_band)
+    cfg.model.pretrained = fix(cfg.model.pretrained)
+    cfg.distill.teacher = fix(cfg.distill.teacher)
+    return cfg
 
 
 def _install_signal_handlers(trainer: Trainer):
