@@ -13,6 +13,7 @@ import pytest
 from vitforge import cli
 from vitforge.config import load_config
 from vitforge.data import gpu_policies as G
+from vitforge.models.build import build_model, model_kwargs
 from vitforge.train.distill import DistillationLoss
 from vitforge.train.trainer import Trainer
 
@@ -43,8 +44,17 @@ def recipe(name: str) -> Path:
 @pytest.mark.parametrize("name", NAMES)
 def test_dry_run_resolves_the_data(name, cifar_parquet, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name ../shared/data/... relative to the repository root
-    assert cli.main(["train", str(recipe(name)), "--dry-run"]) == 0
-    assert "# data: 45000 train / 5000 val images, 10 classes" in capsys.readouterr().out
+    extra = []
+    if name == "deit_kd":  # its teacher is a run of teacher_resnet.yaml, which must exist first
+        assert cli.main(["train", str(recipe(name)), "--dry-run"]) == 2
+        assert "distill.teacher: 'runs/teacher-resnet18' is not a registered model" in capsys.readouterr().err
+        extra = ["distill.teacher=resnet18_cifar"]
+    assert cli.main(["train", str(recipe(name)), "--dry-run", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "# data: 45000 train / 5000 val images, 10 classes" in out
+    cfg = load_config(recipe(name))
+    params = sum(p.numel() for p in build_model(cfg.model.name, model_kwargs(cfg, num_classes=10)).parameters())
+    assert f"parameters; input {64 if name == 'sclusterformer_rgb64' else 32}px" in out and f"{params:,} param" in out
 
 
 def test_all_recipes_share_data_split_and_normalisation():

@@ -53,6 +53,12 @@ def trained_run(tmp_path_factory) -> Path:
         (["train", "--resume", "/no/run"], "checkpoint not found: /no/run"),
         (["info", "not_a_model"], "unknown model 'not_a_model'"),
         (["info", "vit_demo", "depth"], "'depth' is not of the form key=value"),
+        (["train", "data.train=digits", "model.args.num_heads=5", "--dry-run"],
+         "model 'vit_demo' cannot be built with num_heads=5"),  # a dry run builds the model
+        (["train", "data.train=digits", "distill.teacher=runs/none", "--dry-run"],
+         "distill.teacher: 'runs/none' is not a registered model"),  # ... and resolves the teacher
+        (["train", "data.train=digits", "model.name=sclusterformer_hsi", "--dry-run"],
+         "model.name: 'sclusterformer_hsi' cannot take this data's input"),  # ... and feeds it one input
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):

@@ -38,6 +38,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _run_train(a: argparse.Namespace) -> int:
     from vitforge.config import load_config, to_yaml
+    from vitforge.models.backbones import NAMED_WEIGHTS
     from vitforge.train.trainer import Trainer
 
     recipe, overrides = a.recipe, list(a.overrides)
@@ -51,13 +52,17 @@ def _run_train(a: argparse.Namespace) -> int:
         raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml), key=value overrides, "
                             "or --resume RUN")
     cfg = load_config(recipe, overrides)
-    if a.dry_run:
-        from vitforge.data import open_data
-
-        data = open_data(cfg.data)
-        print(to_yaml(cfg))
-        print(f"# data: {len(data.train)} train / {len(data.val) if data.val else 0} val images, "
-              f"{len(data.classes)} classes")
+    if a.dry_run:  # everything a run sets up (data, model, input check, teacher, optimizer), no run directory
+        t = Trainer(cfg, download=False)
+        print(to_yaml(t.cfg))
+        print(f"# data: {len(t.data.train)} train / {len(t.data.val) if t.data.val else 0} val images, "
+              f"{len(t.classes)} classes")
+        print(f"# model: {cfg.model.name}, {t.params[0]:,} parameters; input {t.pre.img_size}px; device {t.device}; "
+              f"{t.steps_per_epoch} steps/epoch")
+        if cfg.distill.teacher:
+            print(f"# teacher: {cfg.distill.teacher}")
+        if cfg.model.pretrained in ("hub", *NAMED_WEIGHTS):
+            print(f"# pretrained: {cfg.model.pretrained} (not downloaded in a dry run)")
         return 0
     return _fit(Trainer(cfg))
 

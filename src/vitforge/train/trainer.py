@@ -30,7 +30,7 @@ from vitforge.data.pipeline import FeatureSource, use_device_cache
 from vitforge.data.sources import default_cache_dir
 from vitforge.errors import ConfigError, VitforgeError
 from vitforge.eval.evaluate import evaluate
-from vitforge.models.backbones import classifier_names, layer_decay_ids, load_initial_weights
+from vitforge.models.backbones import NAMED_WEIGHTS, classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
 from vitforge.models.layers.checkpointing import supports_grad_checkpointing
 from vitforge.train import distributed as D
@@ -75,7 +75,8 @@ class Trainer:
         hooks: optional object with `on_step(trainer)` called after each optimizer step (tests, callbacks).
     """
 
-    def __init__(self, cfg: Config | None = None, *, resume: str | Path | None = None, overrides=(), hooks=None):
+    def __init__(self, cfg: Config | None = None, *, resume: str | Path | None = None, overrides=(), hooks=None,
+                 download: bool = True):
         ckpt = None
         if resume is not None:
             ckpt = load_checkpoint(resume, prefer="last")
@@ -83,7 +84,7 @@ class Trainer:
         assert cfg is not None
         if ckpt is None:  # the run records where its files are, wherever it is resumed or evaluated from
             cfg = absolute_paths(cfg)
-        self.cfg, self.hooks = cfg, hooks
+        self.cfg, self.hooks, self.download = cfg, hooks, download
         self.stop_requested = False
         self.stop_signal: int | None = None
         self.dist = D.init_distributed(D.device_kind(cfg.train.device))
@@ -104,7 +105,8 @@ class Trainer:
         self.classes = self.data.classes
         kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(cfg, num_classes=len(self.classes))
         self.model = build_model(cfg.model.name, kwargs)
-        if cfg.model.pretrained and not ckpt:
+        remote = cfg.model.pretrained in ("hub", *NAMED_WEIGHTS)
+        if cfg.model.pretrained and not ckpt and (self.download or not remote):
             load_initial_weights(self.model, cfg.model.pretrained)  # hub, named source or local file
         self.params = count_params(self.model)
         small = use_device_cache(self.data.train, cfg.data.device_cache)
