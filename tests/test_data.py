@@ -118,11 +118,21 @@ def test_cifar_python_batches(tmp_path):
         with open(root / name, "wb") as f:
             pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}, f)
     with open(root / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"k{i}" for i in range(10)]}, f)
+        pickle.dump({b"label_names": [f"k{i}".encode() for i in range(10)]}, f)  # Python 3 pickles: bytes names
     train = open_source(str(tmp_path))
     test = open_source(f"{root}:test")
     assert isinstance(train, ArraySource) and len(train) == 20 and len(test) == 4
     assert train.classes[3] == "k3" and train.array().shape == (20, 32, 32, 3)
+    with pytest.raises(DataError, match=r":bogus: unknown split 'bogus'; CIFAR batches and names take :train or :test"):
+        open_source(f"{root}:bogus")
+
+
+def test_a_split_suffix_on_other_sources_is_refused(tmp_path):
+    folder = make_image_folder(tmp_path / "train", per_class=2)
+    with pytest.raises(DataError, match=r"train:test: a :test split only applies to CIFAR batch folders and names"):
+        open_source(f"{folder}:test")
+    with pytest.raises(DataError, match="digits has no test split"):
+        open_source("digits:test")
 
 
 def test_digits_source():

@@ -63,6 +63,14 @@ def test_weighted_average_differs_from_macro_with_unequal_support():
     assert out["per_class_top1"]["y"] is None  # no images of y
 
 
+def test_macro_average_skips_classes_absent_from_truth_and_predictions():
+    """Evaluating on a subset that holds 2 of 4 classes: the unseen, never-predicted classes do not add zeros."""
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    out = classification_metrics(probs, torch.tensor([0, 1, 1]), ["a", "b", "c", "d"])
+    assert out["macro_avg"]["recall"] == pytest.approx((1 + 0.5) / 2)  # not (1 + 0.5 + 0 + 0) / 4
+    assert out["per_class"]["c"]["support"] == 0 and len(out["per_class"]) == 4  # the table still lists every class
+
+
 def test_confusion_counts_and_normalised(m):
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [0, 1, 1]]
     assert np.allclose(m["confusion_normalized"], [[0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5]])

@@ -222,7 +222,7 @@ def cifar_batches(root: Path, split: str) -> ArraySource:
         d = _unpickle(root / n)
         images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels += list(d[label_key])
-    classes = list(_unpickle(meta)[key])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _unpickle(meta)[key]]  # py3 pickles: bytes
     return ArraySource(np.ascontiguousarray(np.concatenate(images)), labels, classes, f"{root}:{split}")
 
 
@@ -276,15 +276,22 @@ def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = N
         DataError: missing path, unknown format, empty class folder, unreadable file (message names it).
     """
     cache_dir = cache_dir or default_cache_dir()
-    base, _, split = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
-    split = split or "train"
+    base, _, given = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+    if given and given not in SPLITS:
+        raise DataError(f"{spec}: unknown split {given!r}; CIFAR batches and names take :{' or :'.join(SPLITS)}")
+    split = given or "train"
     if base == "digits":
+        if given:
+            raise DataError(f"{spec}: digits has no {given} split (hold one out with data.val_split)")
         return digits()
     if base in CIFAR_NAMES:
         return named_cifar(base, split, download=download, cache_dir=cache_dir)
     path = Path(base).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {base}")
+    if given and not (path.is_dir() and _is_cifar_dir(path)):
+        raise DataError(f"{spec}: a :{given} split only applies to CIFAR batch folders and names; give the path of "
+                        f"the {given} data itself")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".parquet":
@@ -297,12 +304,18 @@ def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = N
     return _open_dir(path, split, labeled)
 
 
+SPLITS = ("train", "test")
+
+
+def _is_cifar_dir(path: Path) -> bool:
+    names = {e.name for e in path.iterdir() if not e.name.startswith(".")}
+    return bool({"data_batch_1", "batches.meta"} <= names or {"train", "meta"} <= names or names & {
+        "cifar-10-batches-py", "cifar-100-python"})
+
+
 def _open_dir(path: Path, split: str, labeled: bool) -> Source:
     entries = [e for e in path.iterdir() if not e.name.startswith(".")]
-    names = {e.name for e in entries}
-    if {"data_batch_1", "batches.meta"} <= names or {"train", "meta"} <= names or names & {
-        "cifar-10-batches-py", "cifar-100-python"
-    }:
+    if _is_cifar_dir(path):
         return cifar_batches(path, split)
     subdirs = [e for e in entries if e.is_dir()]
     loose = [e for e in entries if e.is_file() and is_image_file(e.name)]

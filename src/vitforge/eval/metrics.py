@@ -66,8 +66,11 @@ def per_class_table(y: np.ndarray, p: np.ndarray, classes: list[str]) -> dict:
     table = {c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
              for i, c in enumerate(classes)}
     out = {"per_class": table}
+    # Averages over the classes that occur (as truth or prediction), scikit-learn's default: a class absent from
+    # an evaluation subset would otherwise add a 0 recall to the macro mean.
+    present = np.union1d(np.unique(y), np.unique(p))
     for avg in ("macro", "weighted"):
-        a = precision_recall_fscore_support(y, p, labels=k, average=avg, zero_division=0)
+        a = precision_recall_fscore_support(y, p, labels=present, average=avg, zero_division=0)
         out[f"{avg}_avg"] = {"precision": float(a[0]), "recall": float(a[1]), "f1": float(a[2]), "support": len(y)}
     return out
 
