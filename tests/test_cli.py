@@ -83,6 +83,15 @@ def test_predict_checks_its_output_before_predicting(tmp_path, capsys):
     assert "--out /proc/preds.csv: cannot write in /proc" in capsys.readouterr().err
 
 
+def test_debug_after_the_verb_empty_model_search_and_nothing_to_verify(capsys):
+    with pytest.raises(Exception, match="unknown model 'nope'"):  # --debug re-raises: the traceback is shown
+        main(["info", "nope", "--debug"])
+    assert main(["models", "zzz*"]) == 0
+    assert "no registered model matches 'zzz*'" in capsys.readouterr().err
+    assert main(["verify-attention", "resnet18_cifar"]) == 0
+    assert capsys.readouterr().out.strip() == "nothing to check: no hand-written attention modules to check"
+
+
 def test_not_a_checkpoint(tmp_path, capsys):
     junk = tmp_path / "weights.pt"
     junk.write_bytes(b"not a checkpoint")

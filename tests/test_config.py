@@ -39,6 +39,9 @@ def test_precedence(tmp_path):
         ("train.head_epochs=20", "train.head_epochs: must be in [0, train.epochs)"),
         ("run.name=a/b", "run.name: 'a/b' must be a plain directory name"),
         ("justakey", "override 'justakey' is not of the form key=value"),
+        ("optim=1", "optim: is a section, not a value; set its keys (e.g. optim.name=...): name, lr,"),
+        ("optim.betas=0.9", "optim.betas: expected a list, e.g. optim.betas=[0.9,0.999]"),
+        ("schedule.warmup_epochs=5000", "schedule.warmup_epochs: must be smaller than the"),
     ],
 )
 def test_errors_name_the_key(override, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,9 @@ def test_safetensors_round_trip(ckpt):
     r = export_checkpoint(ckpt, "safetensors")
     weights = ckpt / "export" / "model.safetensors"
     assert r["files"] == [str(weights), str(weights.with_suffix(".json"))] and r["max_abs_diff"] == 0.0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' private 0600
     model, config = load_safetensors_model(weights)
     assert config["model_name"] == "vit_demo" and config["classes"] == ["cat", "dog", "fox"]
     original = torch.load(ckpt / "checkpoints" / "best.pt", weights_only=False)["model"]

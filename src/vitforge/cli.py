@@ -105,8 +105,8 @@ def _model_set_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint files or run directories; several form an ensemble (probabilities averaged)")
     p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per checkpoint")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -163,8 +163,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="labelled dataset to evaluate on (default: the run's own held-out split)")
     p.add_argument("--tta", default="flip-shift", help=f"{TTA_HELP}, compared with no TTA (default flip-shift)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
 
 
 def _run_report(a: argparse.Namespace) -> int:
@@ -235,8 +235,8 @@ def _pseudo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.98, help="minimum averaged confidence (default 0.98)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip, flip-shift, saccadic12")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
 
 
 def _run_pseudo(a: argparse.Namespace) -> int:
@@ -260,6 +260,8 @@ def _run_models(a: argparse.Namespace) -> int:
     from vitforge.inspect import model_table
 
     rows = model_table(a.pattern)
+    if not rows:
+        print(f"no registered model matches {a.pattern!r} (library models: timm:<name>, tv:<name>)", file=sys.stderr)
     if a.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -307,9 +309,12 @@ def _run_verify(a: argparse.Namespace) -> int:
             mark = "ok" if b["ok"] else "FAIL"
             print(f"{b['name']:28s} Q{tuple(b['Q'])} K{tuple(b['K'])} V{tuple(b['V'])} A{tuple(b['A'])} "
                   f"O{tuple(b['O'])}  max|sum-1|={b['softmax_max_err']:.1e}  {mark}")
-        if report.get("note"):
-            print(report["note"])
-        print("attention check passed" if report["ok"] else "attention check FAILED")
+        if not report["blocks"]:
+            print(f"nothing to check: {report.get('note') or 'no attention modules'}")
+        else:
+            if report.get("note"):
+                print(report["note"])
+            print("attention check passed" if report["ok"] else "attention check FAILED")
     return 0 if report["ok"] else 1
 
 
@@ -341,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     for name, verb in VERBS.items():
         p = sub.add_parser(name, help=verb.help, description=verb.help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         verb.add_args(p)
     return parser
 

@@ -423,6 +423,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:  # checks across sections
+        w, e = self.schedule.warmup_epochs, self.train.epochs - self.train.head_epochs
+        _check("schedule.warmup_epochs", w == 0 or w < e, f"must be smaller than the {e} training epoch(s) it warms "
+               f"up (train.epochs minus train.head_epochs), else the learning rate never reaches its decay")
+
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
@@ -433,18 +438,22 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
     Raises:
         ConfigError: unreadable recipe, unknown key, wrong type or impossible value (the message names the key).
     """
-    base = OmegaConf.structured(Config)
-    layers = []
+    merged = OmegaConf.structured(Config)
+    layers: list[tuple[str | None, Any]] = []
     if isinstance(recipe, dict):
-        layers.append(recipe)
+        layers.append((None, recipe))
     elif recipe is not None:
-        layers.append(_read_yaml(Path(recipe)))
+        layers.append((None, _read_yaml(Path(recipe))))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
-        layers.append(OmegaConf.from_dotlist([item]))
+        layers.append((item.split("=", 1)[0].strip(), OmegaConf.from_dotlist([item])))
     try:
-        merged = OmegaConf.merge(base, *layers)
+        for key, layer in layers:  # one at a time, so that an error can name the override it came from
+            try:
+                merged = OmegaConf.merge(merged, layer)
+            except OmegaConfBaseException as e:
+                raise ConfigError(_explain(e, key)) from None
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
@@ -468,12 +477,17 @@ def _read_yaml(path: Path) -> Any:
     return data
 
 
-def _explain(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None) or "?"
+def _explain(e: OmegaConfBaseException, override: str | None = None) -> str:
+    key = getattr(e, "full_key", None) or override or "?"
     if isinstance(e, ConfigKeyError):
         parent, _, leaf = key.rpartition(".")
         return f"{key}: unknown key; valid keys{' of ' + parent if parent else ''}: {', '.join(_valid_keys(parent))}"
     msg = str(e).splitlines()[0]
+    if key in SECTIONS or _valid_keys(key):  # `optim=1`: a whole section given a value
+        return f"{key}: is a section, not a value; set its keys (e.g. {key}.{_valid_keys(key)[0]}=...): " \
+               f"{', '.join(_valid_keys(key))}"
+    if "is not a ListConfig" in msg or "ListConfig" in msg:
+        return f"{key}: expected a list, e.g. {key}=[0.9,0.999]"
     return f"{key}: {msg}"
 
 
@@ -482,7 +496,7 @@ def _valid_keys(parent: str) -> list[str]:
     for part in filter(None, parent.split(".")):
         types = {f.name: f.default_factory for f in dataclasses.fields(node)}  # type: ignore[arg-type]
         factory = types.get(part)
-        if factory is None or not dataclasses.is_dataclass(factory()):
+        if factory is None or factory is dataclasses.MISSING or not dataclasses.is_dataclass(factory()):
             return []
         node = type(factory())
     return [f.name for f in dataclasses.fields(node)]

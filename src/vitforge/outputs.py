@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,3 +32,10 @@ def check_output(path: str | Path, *, overwrite: bool = False, option: str = "--
     except OSError as e:
         raise VitforgeError(f"{option} {p}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
     return p
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a written file the permissions a plain `open(path, "w")` would (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -23,6 +23,7 @@ from vitforge.export.verify import (
     reference,
     report,
 )
+from vitforge.outputs import usual_mode
 
 
 def config_path(weights: Path) -> Path:
@@ -39,6 +40,7 @@ def export_safetensors(model: nn.Module, meta: dict, out: Path, *, overwrite: bo
     shape = input_shape(model, meta)
     config = export_config(meta, shape)
     save_model(model, str(out), metadata={"vitforge": json.dumps({k: config[k] for k in ("model_name", "classes")})})
+    usual_mode(out)  # safetensors writes 0600; an export is meant to be shared like any file the user writes
     cfg_file.write_text(json.dumps(config, indent=2) + "\n")
     inputs = example_inputs(shape, batch_size)
     rebuilt, _ = load_safetensors_model(out)
