@@ -135,6 +135,17 @@ def test_a_split_suffix_on_other_sources_is_refused(tmp_path):
         open_source("digits:test")
 
 
+def test_csv_label_problems_name_the_row(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=2)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\ntrain/cat/000.png,1\ntrain/dog/001.png,-1\n")
+    with pytest.raises(DataError, match=r"bad.csv: row 3 \(train/dog/001.png\) has label -1; class indices are >= 0"):
+        open_source(str(bad))
+    bad.write_text("file,label\ntrain/cat/000.png,cat\ntrain/dog/001.png,\n")
+    with pytest.raises(DataError, match=r"bad.csv: row 3 \(train/dog/001.png\) has an empty 'label'"):
+        open_source(str(bad))
+
+
 def test_digits_source():
     d = open_source("digits")
     assert len(d) == 1797 and d.array().shape == (1797, 8, 8, 3) and d.array().max() == 255

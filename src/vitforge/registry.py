@@ -107,8 +107,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 def _build_error(name: str, kwargs: dict, e: Exception) -> ConfigError:
-    user = {k: v for k, v in kwargs.items() if k != "num_classes"}
-    args = ", ".join(f"{k}={v!r}" for k, v in user.items()) or "its defaults"
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ConfigError(f"model {name!r} cannot be built with {args}: {msg}")
 

@@ -132,7 +132,8 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
     if len(train) == 0:
         raise DataError(f"{cfg.train}: no images")
     if not train.labeled:
-        raise DataError(f"{cfg.train}: training data needs labels (class folders, a label column or a CSV label)")
+        raise DataError(f"{cfg.train}: training data needs labels (class folders, a parquet label column, or a CSV "
+                        f"column named label, class, target or class_name)")
     own = len(train)  # items of data.train itself (folds never hold data.extra items)
     if cfg.extra:
         extra = open_source(cfg.extra, cache_dir=cache_dir)

@@ -196,9 +196,16 @@ def csv_source(path: Path) -> FileListSource:
     files = [str(root / r[fcol]) for r in rows]
     if lcol is None:
         return FileListSource(files, [-1] * len(files), [], str(path), root=str(root))
-    raw = [r[lcol].strip() for r in rows]
+    raw = [(r[lcol] or "").strip() for r in rows]
+    empty = next((i for i, v in enumerate(raw) if not v), None)
+    if empty is not None:
+        raise DataError(f"{path}: row {empty + 2} ({rows[empty][fcol]}) has an empty {lcol!r}")
     if all(v.lstrip("-").isdigit() for v in raw):
         labels = [int(v) for v in raw]
+        bad = next((i for i, v in enumerate(labels) if v < 0), None)
+        if bad is not None:
+            raise DataError(f"{path}: row {bad + 2} ({rows[bad][fcol]}) has label {labels[bad]}; class indices "
+                            f"are >= 0")
         classes = [str(i) for i in range(max(labels) + 1)]
     else:
         classes = sorted(set(raw))

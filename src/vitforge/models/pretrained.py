@@ -30,11 +30,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(p))
         except Exception as e:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"model.pretrained: {p}: not a readable safetensors file "
+                                  f"({str(e).splitlines()[0]})") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{p}: not a readable weights file ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"model.pretrained: {p}: not a readable weights file "
+                              f"({str(e).splitlines()[0][:120]})") from None
     if isinstance(obj, dict) and obj.get("format") == "vitforge-checkpoint":
         from vitforge.checkpoint import eval_state_dict
 
@@ -44,7 +46,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{p}: no state dict of tensors found")
+        raise CheckpointError(f"model.pretrained: {p}: no state dict of tensors found")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -66,7 +68,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, convert=None) -> dict
     shape = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or shape:
         name = getattr(model, "vitforge_name", type(model).__name__)
-        detail = (f"missing {len(missing)} e.g. {missing[:2]}" if missing else "") + (
+        detail = (f" missing {len(missing)} e.g. {missing[:2]}" if missing else "") + (
             f" unexpected {len(unexpected)} e.g. {unexpected[:2]}" if unexpected else "") + (
             f" shape mismatch at {shape[0]}: {tuple(state[shape[0]].shape)} vs {tuple(own[shape[0]].shape)}"
             if shape else "")
