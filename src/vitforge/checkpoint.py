@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vitforge.errors import CheckpointError
+from vitforge.errors import CheckpointError, first_line
 
 FORMAT = "vitforge-checkpoint"
 VERSION = 1
@@ -62,7 +62,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best") -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # pickle/zip errors of many kinds
-        raise CheckpointError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{p}: not a readable checkpoint ({first_line(e, 120)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a vitforge checkpoint (no '{FORMAT}' marker); for plain weights use "
                               f"model.pretrained={p}")

@@ -105,6 +105,10 @@ def _model_set_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint files or run directories; several form an ensemble (probabilities averaged)")
     p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per checkpoint")
+    _inference_args(p)
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
 
@@ -163,8 +167,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="labelled dataset to evaluate on (default: the run's own held-out split)")
     p.add_argument("--tta", default="flip-shift", help=f"{TTA_HELP}, compared with no TTA (default flip-shift)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    _inference_args(p)
 
 
 def _run_report(a: argparse.Namespace) -> int:
@@ -235,8 +238,7 @@ def _pseudo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.98, help="minimum averaged confidence (default 0.98)")
     p.add_argument("--tta", default="none", help="test-time augmentation: none, flip, flip-shift, saccadic12")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    _inference_args(p)
 
 
 def _run_pseudo(a: argparse.Namespace) -> int:

@@ -15,3 +15,10 @@ class DataError(VitforgeError):
 
 class CheckpointError(VitforgeError):
     """A checkpoint is missing, unreadable or belongs to a different model."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), at most `limit` chars:
+    what a one-line error quotes from a library exception."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]

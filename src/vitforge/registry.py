@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from vitforge.errors import ConfigError
+from vitforge.errors import ConfigError, first_line
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # Prefix -> factory(name_after_prefix, **kwargs). Filled by modules that wrap other libraries.
@@ -108,8 +108,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def _build_error(name: str, kwargs: dict, e: Exception) -> ConfigError:
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return ConfigError(f"model {name!r} cannot be built with {args}: {msg}")
+    return ConfigError(f"model {name!r} cannot be built with {args}: {first_line(e)}")
 
 
 _SCALARS = (bool, int, float, str)

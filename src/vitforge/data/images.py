@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from vitforge.errors import first_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is corrupt, not silently grey
 
@@ -75,7 +77,7 @@ def open_image(source: str | bytes, name: str | None = None) -> Image.Image:
     except FileNotFoundError:
         raise ImageError(f"{label}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise ImageError(f"{label}: cannot decode image ({reason})") from None
 
 

@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image
 
 from vitforge.data.images import ImageError, is_image_file, open_image
-from vitforge.errors import DataError
+from vitforge.errors import DataError, first_line
 
 CIFAR_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+NAMED_SOURCES = ("digits", *CIFAR_NAMES)  # data specs that are names, not paths
 
 
 class Source:
@@ -93,7 +94,7 @@ class ParquetSource(Source):
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{path}: not a readable parquet file ({first_line(e)})") from None
         img_col = _pick_column(table.column_names, ("img", "image", "images"), path, "image")
         self.origin = str(path)
         col = table.column(img_col).combine_chunks()
@@ -261,7 +262,7 @@ def named_cifar(name: str, split: str, *, download: bool, cache_dir: Path) -> Ar
         ds = cls(str(root), train=(split != "test"), download=download)
     except RuntimeError as e:
         if download:
-            raise DataError(f"{name}: download failed ({str(e).splitlines()[0]}); are you offline? Point "
+            raise DataError(f"{name}: download failed ({first_line(e)}); are you offline? Point "
                             f"data.train at an extracted CIFAR batches directory instead") from None
         raise DataError(f"{name}: not found in {root}; set data.download=true (needs internet) or point data.train "
                         f"at an extracted cifar-10-batches-py directory") from None

@@ -30,7 +30,7 @@ from vitforge.data.pipeline import Split
 from vitforge.errors import CheckpointError, VitforgeError
 from vitforge.eval.evaluate import topk_metrics
 from vitforge.eval.metrics import classification_metrics
-from vitforge.eval.tta import check_tta_name, collect_probs, trained_invariances, tta_views
+from vitforge.eval.tta import check_tta_name, collect_probs, keep_views, trained_invariances, tta_views
 from vitforge.inference import _autocast, _device, eval_stream_for, stream_for_split
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: 
     else:
         stream = eval_stream_for(meta, data, labeled=labeled, batch_size=batch_size, device=dev)
     # A model trained without flips (or random crops) never saw mirrored (or shifted) images: no such views.
-    views = tta_views(tta, mean=stream.mean, std=stream.std, **trained_invariances(meta))
-    if tta != "none" and len(views) < len(tta_views(tta, mean=stream.mean, std=stream.std)):
+    every = tta_views(tta, mean=stream.mean, std=stream.std)
+    views = keep_views(every, **trained_invariances(meta))
+    if len(views) < len(every):
         log.warning("%s was trained without flips or random crops: --tta %s uses %d view(s): %s", meta["path"], tta,
                     len(views), ", ".join(v.name for v in views))
     plain, avg, labels, idx = collect_probs(model, stream, views, autocast=_autocast(dev))

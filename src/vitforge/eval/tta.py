@@ -177,7 +177,11 @@ def tta_views(name: str, *, mean: torch.Tensor | None = None, std: torch.Tensor 
     Raises:
         ConfigError: unknown name (the message lists the known sets).
     """
-    views = _named_views(name, mean, std)
+    return keep_views(_named_views(name, mean, std), mirror=mirror, shift=shift)
+
+
+def keep_views(views: list[View], *, mirror: bool = True, shift: bool = True) -> list[View]:
+    """`views` without the mirrored (`mirror=False`) and/or shifted (`shift=False`) ones, weights rescaled to 1."""
     kept = [v for v in views if (mirror or "flip" not in v.name) and (shift or not v.name.startswith("shift"))]
     total = sum(v.weight for v in kept)
     return [View(v.name, v.fn, v.weight / total) for v in kept]

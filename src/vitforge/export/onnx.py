@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from vitforge.errors import VitforgeError
+from vitforge.errors import VitforgeError, first_line
 from vitforge.export.verify import (
     LogitsModule,
     example_inputs,
@@ -59,9 +59,8 @@ def export_onnx(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = Fa
                               dynamo=False)
     except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:  # e.g. an operator ONNX has no form for
         out.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise VitforgeError(f"--format onnx: {meta.get('model_name', 'the model')} cannot be exported to ONNX "
-                            f"opset {opset}: {first[:300]} (safetensors and torchscript still work)") from e
+                            f"opset {opset}: {first_line(e)} (safetensors and torchscript still work)") from e
     _add_metadata(onnx, out, export_config(meta, shape))
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     ours = [session.run(["logits"], {"images": x.numpy()})[0] for x in inputs]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vitforge.errors import CheckpointError
+from vitforge.errors import CheckpointError, first_line
 
 log = logging.getLogger("vitforge")
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.", "head.fc.")
@@ -31,12 +31,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as e:
             raise CheckpointError(f"model.pretrained: {p}: not a readable safetensors file "
-                                  f"({str(e).splitlines()[0]})") from None
+                                  f"({first_line(e)})") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"model.pretrained: {p}: not a readable weights file "
-                              f"({str(e).splitlines()[0][:120]})") from None
+                              f"({first_line(e, 120)})") from None
     if isinstance(obj, dict) and obj.get("format") == "vitforge-checkpoint":
         from vitforge.checkpoint import eval_state_dict
 

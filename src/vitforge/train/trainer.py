@@ -27,8 +27,8 @@ from vitforge.checkpoint import load_checkpoint, save_checkpoint
 from vitforge.config import Config, from_dict, load_config, to_dict
 from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, open_data, resolve_preprocess
 from vitforge.data.pipeline import FeatureSource, use_device_cache
-from vitforge.data.sources import default_cache_dir
-from vitforge.errors import ConfigError, VitforgeError
+from vitforge.data.sources import NAMED_SOURCES, default_cache_dir
+from vitforge.errors import ConfigError, VitforgeError, first_line
 from vitforge.eval.evaluate import evaluate
 from vitforge.models.backbones import NAMED_WEIGHTS, classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
@@ -187,9 +187,8 @@ class Trainer:
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.name: {self.cfg.model.name!r} cannot take this data's input {shape}: "
-                              f"{first}") from e
+                              f"{first_line(e)}") from e
         finally:
             self.model.train(was_training)
 
@@ -682,9 +681,6 @@ def _json(obj) -> str:
     import json
 
     return json.dumps(obj, indent=2, default=str)
-
-
-NAMED_SOURCES = ("digits", "cifar10", "cifar100")
 
 
 def absolute_paths(cfg: Config) -> Config:
