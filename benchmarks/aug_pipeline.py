@@ -4,7 +4,7 @@
     python benchmarks/aug_pipeline.py --device cuda --workers 4 8 16   # H100 (the bar: >= 100,000 img/s)
     python benchmarks/aug_pipeline.py --device cuda --workers --compile-policies   # + torch.compile'd policy ops
 
-Each configuration builds `vitforge.data.pipeline.build_train_stream` exactly as the trainer does and drains batches:
+Each configuration builds `vitforge.data.streams.build_train_stream` exactly as the trainer does and drains batches:
 uint8 images -> random crop (pad 4) -> flip -> [per-sample policy] -> normalise -> RandomErasing 0.25 ->
 Mixup 0.4 / CutMix 1.0 (per-batch switch). Paths:
 
@@ -34,9 +34,11 @@ from _device import device_tag, sync  # noqa: E402
 from _results import save_result  # noqa: E402
 
 from vitforge.config import AugConfig, DataConfig, MixConfig  # noqa: E402
+from vitforge.data.dataset import Split, open_data
 from vitforge.data.gpu_policies import compile_policy  # noqa: E402
-from vitforge.data.pipeline import Preprocess, Split, StreamOptions, build_train_stream, open_data  # noqa: E402
+from vitforge.data.preprocess import Preprocess
 from vitforge.data.sources import ArraySource  # noqa: E402
+from vitforge.data.streams import StreamOptions, build_train_stream
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "train.parquet"

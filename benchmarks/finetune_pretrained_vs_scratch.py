@@ -45,8 +45,8 @@ def export_subset(parquet: Path, out: Path, per_class: int, seed: int) -> Path:
 
 
 def run_arm(data: Path, runs: Path, name: str, pretrained: bool, a: argparse.Namespace) -> dict:
+    from vitforge.commands.cv import run_cv
     from vitforge.config import load_config
-    from vitforge.cv import run_cv
 
     overrides = [f"data.train={data}", "model.name=timm:tf_efficientnet_lite0", f"data.img_size={a.img_size}",
                  f"data.batch_size={a.batch_size}", f"train.epochs={a.epochs}", f"optim.lr={a.lr}",

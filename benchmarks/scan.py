@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks._
 from benchmarks._results import save_result  # noqa: E402
 from vitforge.models.layers.ssm_scan import kernel_available, resolve_impl, selective_scan_fn  # noqa: E402
 from vitforge.models.mambavision import MambaVisionMixer  # noqa: E402
-from vitforge.registry import create_model  # noqa: E402
+from vitforge.models.registry import create_model  # noqa: E402
 
 
 def scan_shapes(model_name: str, images: int) -> list[dict]:

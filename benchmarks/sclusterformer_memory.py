@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._results import save_result
-from vitforge.registry import create_model
+from vitforge.models.registry import create_model
 
 STRIDE1 = dict(first_kernel=3, first_stride=1, first_padding=1, token_cap=None)
 SEED_IMPL = dict(cluster_impl="broadcast", attn_impl="manual")

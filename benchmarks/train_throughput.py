@@ -9,8 +9,8 @@ rates, which cost time too):
     deit_kd      ours `deit_kd_cifar` (seed 002: conv stem, CLS + DIST, rel-pos bias, 4 class-attention blocks)
                  vs timm ViT dim 256 / depth 12 / 8 heads / MLP 4
     deit_kd_ref  the same, ours computed the way it was first written (unfold stem, one bias gather per block, full
-                 attention in the class-attention blocks; same function, tests/test_vit_fast_paths.py): the baseline
-                 of our speed-ups
+                 attention in the class-attention blocks; same function, tests/models/test_vit_fast_paths.py): the
+                 baseline of our speed-ups
     vit256       ours plain `VisionTransformer` with exactly timm's layout and function (CLS, learned positions)
                  vs the same timm ViT: the implementation comparison
     minivit      ours `minivit_cifar` (seed 001) vs timm ViT dim 96 / depth 9 / 12 heads / MLP 2
@@ -79,8 +79,8 @@ def build_pair(pair: str) -> dict[str, nn.Module]:
     """{"ours": model, "timm": model} for a pair, random weights, 10 classes, 32x32."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+    from vitforge.models.registry import create_model
     from vitforge.models.vit import VisionTransformer
-    from vitforge.registry import create_model
 
     common = dict(img_size=32, patch_size=4, num_classes=10)
     timm_model = TimmViT(**common, **TIMM_SHAPES[pair])

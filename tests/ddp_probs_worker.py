@@ -1,4 +1,4 @@
-"""A DDP rank for tests/test_ensemble_predict.py, kept in its own light module: spawned processes import only this
+"""A DDP rank for tests/eval/test_ensemble.py, kept in its own light module: spawned processes import only this
 (torch + vitforge.eval.tta), not the test module with its trainer and CLI imports."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`python -m vitforge` (what `torchrun ... -m vitforge train ...` runs)."""
 
-from vitforge.cli import main
+from vitforge.commands.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

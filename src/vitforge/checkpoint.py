@@ -11,11 +11,13 @@ import subprocess
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from vitforge.errors import CheckpointError, first_line
+from vitforge.models.build import build_model
+from vitforge.models.pretrained import CHECKPOINT_FORMAT, eval_state_dict, load_state_strict
+from vitforge.version import __version__
 
-FORMAT = "vitforge-checkpoint"
+FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
 
 
@@ -29,8 +31,6 @@ def git_sha() -> str | None:
 
 
 def provenance() -> dict:
-    from vitforge import __version__
-
     return {"vitforge": __version__, "torch": torch.__version__, "git": git_sha(),
             "saved": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
@@ -70,33 +70,6 @@ def load_checkpoint(path: str | Path, prefer: str = "best") -> dict:
     return ckpt
 
 
-def eval_state_dict(ckpt: dict) -> dict:
-    """The weights to evaluate: the EMA weights when the run evaluated with them, else the raw model."""
-    if ckpt.get("eval_weights") == "ema" and ckpt.get("ema"):
-        return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    return ckpt["model"]
-
-
-def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
-    """`load_state_dict(strict=True)` with a one-line error naming the file and the first mismatching keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[0]}")
-        if shape:
-            k = shape[0]
-            parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        name = getattr(model, "vitforge_name", type(model).__name__)
-        raise CheckpointError(f"{source} does not fit model {name}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
-
-
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", weights: str = "eval", prefer: str = "best"):
     """Rebuild the model of a checkpoint (or run directory) with its weights, in eval mode.
 
@@ -109,8 +82,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", weights:
     Returns:
         (model, meta) with meta = {"classes", "preprocess", "config", "model_name", "model_kwargs", "path", ...}.
     """
-    from vitforge.models.build import build_model
-
     ckpt = load_checkpoint(path, prefer)
     model = build_model(ckpt["model_name"], ckpt["model_kwargs"])
     state = eval_state_dict(ckpt) if weights == "eval" else ckpt["model"]

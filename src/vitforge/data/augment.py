@@ -78,6 +78,7 @@ def batch_erase(x: torch.Tensor, p: float, gen: torch.Generator, scale=(0.02, 1 
 
 
 def smooth_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Class indices (B,) -> smoothed one-hot (B, K): 1 - s + s/K on the label, s/K elsewhere."""
     off = smoothing / num_classes
     return torch.full((y.shape[0], num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
 

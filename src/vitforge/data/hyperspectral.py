@@ -207,23 +207,3 @@ def _extra_band(band, key: str | None, hw: tuple[int, int], cube) -> np.ndarray:
     if arr.shape != hw:
         raise DataError(f"{name}: extra band is {arr.shape} but the cube {cube} is {hw[0]}x{hw[1]}")
     return standardize(arr)
-
-
-def hsi_metrics(y_true, y_pred, num_classes: int | None = None) -> dict:
-    """Overall accuracy, average (per-class) accuracy, Cohen's kappa and per-class accuracy (recall).
-
-    A class with no test pixels gets accuracy 0, as upstream (`nan_to_num`), and still counts in AA.
-    """
-    from sklearn.metrics import cohen_kappa_score, confusion_matrix
-
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    K = num_classes or int(max(y_true.max(), y_pred.max())) + 1
-    cm = confusion_matrix(y_true, y_pred, labels=np.arange(K))
-    support = cm.sum(axis=1)
-    per_class = np.divide(np.diag(cm), support, out=np.zeros(K), where=support > 0)
-    return {
-        "oa": float(np.trace(cm) / cm.sum()),
-        "aa": float(per_class.mean()),
-        "kappa": float(cohen_kappa_score(y_true, y_pred, labels=np.arange(K))),
-        "per_class": per_class.tolist(),
-    }

@@ -65,6 +65,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, *, train, seed=0, repeats=1, rank=0, world=1, weights=None):
+        self.bad: set[str] = set()  # items found undecodable while iterating (none here: decoded up front)
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
         self.plan_args = dict(seed=seed, shuffle=train, repeats=repeats if train else 1, rank=rank, world=world,

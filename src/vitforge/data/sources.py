@@ -342,17 +342,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VITFORGE_CACHE", Path.home() / ".cache" / "vitforge"))
 
 
-def check_same_classes(train: Source, other: Source, what: str) -> np.ndarray:
-    """Map `other`'s labels onto `train.classes` by name; a class unknown to `train` (or no labels) is an error."""
+def check_same_classes(classes: list[str], other: Source, what: str) -> np.ndarray:
+    """Map `other`'s labels onto the training `classes` by name; a class unknown to them (or no labels) is an
+    error."""
     if not other.labeled:
         raise DataError(f"{what} {other.origin} has no labels (class folders, a label column or a CSV label column)")
-    if other.classes == train.classes:
+    if other.classes == classes:
         return other.labels
-    unknown = [c for c in other.classes if c not in train.classes]
+    unknown = [c for c in other.classes if c not in classes]
     if unknown:
         raise DataError(f"{what} {other.origin} has classes not in the training set: {', '.join(unknown[:10])} "
-                        f"(training classes: {', '.join(train.classes[:20])})")
-    remap = np.array([train.classes.index(c) for c in other.classes], dtype=np.int64)
+                        f"(training classes: {', '.join(classes[:20])})")
+    remap = np.array([classes.index(c) for c in other.classes], dtype=np.int64)
     return remap[other.labels]
 
 

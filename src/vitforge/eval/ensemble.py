@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from vitforge.checkpoint import load_model
-from vitforge.data.pipeline import Split
+from vitforge.data.dataset import Split
 from vitforge.errors import CheckpointError, VitforgeError
 from vitforge.eval.evaluate import topk_metrics
-from vitforge.eval.metrics import classification_metrics
+from vitforge.eval.metrics import classification_metrics, format_metrics
+from vitforge.eval.predict import autocast_factory, eval_stream_for, stream_for_split
 from vitforge.eval.tta import check_tta_name, collect_probs, keep_views, trained_invariances, tta_views
-from vitforge.inference import _autocast, _device, eval_stream_for, stream_for_split
+from vitforge.runtime import inference_device
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class EnsembleOutput:
 def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: str = "none", batch_size: int = 256,
               device: str | torch.device = "auto") -> ModelOutput:
     """Probabilities of one checkpoint over `data` (a dataset spec or a `Split`), with and without TTA."""
-    dev = _device(device) if isinstance(device, str) else device
+    dev = inference_device(device) if isinstance(device, str) else device
     model, meta = load_model(checkpoint, device=dev)
     if isinstance(data, Split):
         stream = stream_for_split(meta, data, batch_size=batch_size, device=dev)
@@ -91,10 +92,10 @@ def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: 
     if len(views) < len(every):
         log.warning("%s was trained without flips or random crops: --tta %s uses %d view(s): %s", meta["path"], tta,
                     len(views), ", ".join(v.name for v in views))
-    plain, avg, labels, idx = collect_probs(model, stream, views, autocast=_autocast(dev))
+    plain, avg, labels, idx = collect_probs(model, stream, views, autocast=autocast_factory(dev))
     ids = [stream.ids[i] for i in idx.tolist()]
     return ModelOutput(meta["path"], meta["model_name"], list(meta["classes"]), ids, labels.cpu().numpy(),
-                       plain.cpu().numpy(), avg.cpu().numpy(), stream.bad or getattr(stream, "decode_bad", []))
+                       plain.cpu().numpy(), avg.cpu().numpy(), stream.bad)
 
 
 def normalize_weights(weights, n: int) -> list[float]:
@@ -227,8 +228,6 @@ def evaluate_ensemble(checkpoints, data: str | Split, *, tta: str = "none", weig
 
 def format_eval(m: dict) -> str:
     """The text `vitforge eval` prints: per-model lines for an ensemble, the TTA comparison, the metrics table."""
-    from vitforge.eval.metrics import format_metrics
-
     lines = []
     if len(m["per_model"]) > 1:
         for pm, w in zip(m["per_model"], m["weights"], strict=True):

@@ -1,4 +1,4 @@
-"""Run a model over an evaluation stream and compute loss / top-k / per-class accuracy (correct under DDP)."""
+"""Run a model over an evaluation stream and gather its logits from every rank (metrics: `vitforge.eval.metrics`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import contextlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from vitforge.train.distributed import gather_cat
+from vitforge.eval.metrics import topk_metrics
+from vitforge.runtime import gather_cat
 
 
 @torch.no_grad()
@@ -38,30 +38,6 @@ def collect_logits(model: nn.Module, stream, *, autocast=None) -> tuple[torch.Te
     lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
     idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long, device=dev)
     return gather_cat(logits), gather_cat(lab), gather_cat(idx)
-
-
-def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """loss, top1, top5 (percent), per-class accuracy; labels < 0 (unlabeled) are ignored."""
-    keep = labels >= 0
-    logits, labels = logits[keep], labels[keep]
-    n = labels.numel()
-    if n == 0:
-        return {"n": 0}
-    loss = F.cross_entropy(logits, labels).item()
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hit1 = top[:, 0] == labels
-    hitk = (top == labels[:, None]).any(dim=1)
-    per_class = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, hit1.float())
-    counts = torch.bincount(labels, minlength=num_classes).float()
-    acc = (per_class / counts.clamp(min=1) * 100).tolist()
-    return {
-        "n": n,
-        "loss": loss,
-        "top1": hit1.float().mean().item() * 100,
-        "top5": hitk.float().mean().item() * 100,
-        "per_class_top1": [a if c > 0 else None for a, c in zip(acc, counts.tolist(), strict=True)],
-    }
 
 
 def evaluate(model: nn.Module, stream, num_classes: int, *, autocast=None) -> dict:

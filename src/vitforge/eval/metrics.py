@@ -14,12 +14,74 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-from vitforge.eval.evaluate import topk_metrics
+import torch.nn.functional as F
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 ECE_BINS = 15
 TOP_PAIRS = 10
+
+
+def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """loss, top1, top5 (percent), per-class accuracy; labels < 0 (unlabeled) are ignored."""
+    keep = labels >= 0
+    logits, labels = logits[keep], labels[keep]
+    n = labels.numel()
+    if n == 0:
+        return {"n": 0}
+    loss = F.cross_entropy(logits, labels).item()
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit1 = top[:, 0] == labels
+    hitk = (top == labels[:, None]).any(dim=1)
+    per_class = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, hit1.float())
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    acc = (per_class / counts.clamp(min=1) * 100).tolist()
+    return {
+        "n": n,
+        "loss": loss,
+        "top1": hit1.float().mean().item() * 100,
+        "top5": hitk.float().mean().item() * 100,
+        "per_class_top1": [a if c > 0 else None for a, c in zip(acc, counts.tolist(), strict=True)],
+    }
+
+
+def label_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
+    """Metrics of hard predictions, from one confusion matrix: what the trainer reports for best.pt, what `vitforge
+    cv` summarises, and the hyperspectral OA / AA / kappa (`hsi_metrics`).
+
+    Args:
+        labels: (N,) true class indices.
+        preds: (N,) predicted class indices.
+        num_classes: K; classes absent from `labels` have recall 0 and support 0.
+
+    Returns:
+        {"n", "top1" (%, = overall accuracy), "balanced_accuracy" (%, mean recall over the classes that occur),
+        "kappa" (Cohen's, chance agreement from the marginals), "macro_f1" (over all K classes, 0 for an empty
+        class), "recall" ((K,) fractions), "support" ((K,) counts)}.
+    """
+    y, p, k = np.asarray(labels), np.asarray(preds), np.arange(num_classes)
+    if len(y) == 0:
+        return {"n": 0}
+    cm = confusion_matrix(y, p, labels=k)
+    support = cm.sum(axis=1)
+    recall = np.divide(np.diag(cm), support, out=np.zeros(num_classes), where=support > 0)
+    return {"n": int(len(y)), "top1": float(np.trace(cm) / cm.sum() * 100),
+            "balanced_accuracy": float(recall[support > 0].mean() * 100),
+            "kappa": float(cohen_kappa_score(y, p, labels=k)),
+            "macro_f1": float(f1_score(y, p, labels=k, average="macro", zero_division=0)),
+            "recall": recall, "support": support}
+
+
+def hsi_metrics(y_true, y_pred, num_classes: int | None = None) -> dict:
+    """Hyperspectral papers' overall accuracy (OA), average accuracy (AA), Cohen's kappa and per-class accuracy
+    (recall), as fractions. A class with no test pixels gets accuracy 0 and still counts in AA, as in the upstream
+    evaluation code (`np.nan_to_num` of the per-class accuracies; Zhang et al., SClusterFormer, IEEE TGRS 2024).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    k = num_classes or int(max(y_true.max(), y_pred.max())) + 1
+    m = label_metrics(y_true, y_pred, k)
+    return {"oa": m["top1"] / 100, "aa": float(m["recall"].mean()), "kappa": m["kappa"],
+            "per_class": m["recall"].tolist()}
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], *, n_bins: int = ECE_BINS,

@@ -21,11 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from vitforge.checkpoint import load_checkpoint, resolve
-from vitforge.data.pipeline import Split
+from vitforge.config import from_dict
+from vitforge.data import open_data
+from vitforge.data.dataset import Split
+from vitforge.data.sources import open_source
 from vitforge.errors import DataError, VitforgeError
 from vitforge.eval import figures
 from vitforge.eval.ensemble import ensemble_metrics, run_ensemble
 from vitforge.eval.tta import trained_invariances
+from vitforge.version import __version__
 
 GRID = 36  # seed 002's prediction grid
 PAIRS, PER_PAIR = 5, 6
@@ -44,9 +48,6 @@ def validation_data(ckpt: dict, data: str | None) -> str | Split:
     """`data`, or the held-out split of the run's own config (same split seed -> same images)."""
     if data:
         return data
-    from vitforge.config import from_dict
-    from vitforge.data import open_data
-
     cfg = from_dict(ckpt["config"])
     try:
         opened = open_data(cfg.data)
@@ -59,8 +60,6 @@ def validation_data(ckpt: dict, data: str | None) -> str | Split:
 
 def image_loader(data: str | Split, ids: list[str]):
     """`load(row)` -> PIL image of the row-th evaluated item (ids matched in dataset order; duplicates allowed)."""
-    from vitforge.data.sources import open_source
-
     if isinstance(data, Split):
         source, indices = data.source, data.indices
     else:
@@ -211,8 +210,6 @@ def _pairs_table(m: dict) -> str:
 def environment(ckpt: dict, summary: dict) -> dict:
     """Where the run was trained (checkpoint provenance, summary.json) and where this report was made."""
     import torch
-
-    from vitforge import __version__
 
     trained = {**(ckpt.get("provenance") or {})}
     for k in ("device", "world_size", "params", "train_images", "val_images", "epochs_run", "wall_seconds"):

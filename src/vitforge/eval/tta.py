@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vitforge.errors import ConfigError, VitforgeError
-from vitforge.train.distributed import gather_cat
+from vitforge.runtime import gather_cat
 
 ViewFn = Callable[[torch.Tensor], torch.Tensor]
 ZOOM = 1.15  # seed 000 close-up views

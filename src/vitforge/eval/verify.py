@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vitforge.models.registry import create_model
+
 SOFTMAX_TOL = 1e-4
 _KEYS = ("Q", "K", "V", "A", "O", "softmax_max_err")
 
@@ -78,8 +80,6 @@ def run_verify_attention(
     Returns:
         The `check_attention` report plus "model" and "input_size".
     """
-    from vitforge.registry import create_model
-
     torch.manual_seed(seed)
     model = create_model(model_name, **(model_args or {}))
     input_size = tuple(model.pretrained_cfg["input_size"])

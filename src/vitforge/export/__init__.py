@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vitforge.checkpoint import load_model, resolve
 from vitforge.errors import VitforgeError
+from vitforge.export.onnx import export_onnx
+from vitforge.export.torchscript import export_torchscript
+from vitforge.export.weights import export_safetensors
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
@@ -21,8 +25,6 @@ SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 
 def default_output(checkpoint: str | Path, fmt: str) -> Path:
     """RUN/export/model.<ext> for a run directory, else the checkpoint's path with the format's suffix."""
-    from vitforge.checkpoint import resolve
-
     src = Path(checkpoint).expanduser()
     if src.is_dir():
         return src / "export" / f"model{SUFFIX[fmt]}"
@@ -53,12 +55,7 @@ def export_model(model, meta: dict, fmt: str, out: str | Path, *, overwrite: boo
     if batch_size < 1:
         raise VitforgeError(f"--batch-size: must be >= 1, got {batch_size}")
     out = Path(out)
-    if fmt == "onnx":
-        from vitforge.export.onnx import export_onnx as run
-    elif fmt == "torchscript":
-        from vitforge.export.torchscript import export_torchscript as run
-    else:
-        from vitforge.export.weights import export_safetensors as run
+    run = {"onnx": export_onnx, "torchscript": export_torchscript}.get(fmt, export_safetensors)
     return run(model, meta, out, overwrite=overwrite, tol=tol, batch_size=batch_size)
 
 
@@ -66,8 +63,6 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
                       tol: float = 1e-4, batch_size: int = 2) -> dict:
     """Load a checkpoint (or a run's best.pt) on the CPU in fp32 and `export_model` it (default output:
     `default_output`)."""
-    from vitforge.checkpoint import load_model
-
     if fmt not in FORMATS:
         raise VitforgeError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, meta = load_model(checkpoint, device="cpu")

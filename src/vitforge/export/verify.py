@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from vitforge.checkpoint import provenance
 from vitforge.outputs import check_output
 
 
@@ -84,8 +85,6 @@ def report(fmt: str, files: list[Path], diff: float, tol: float, check: str, sha
 
 def export_config(meta: dict, shape) -> dict:
     """What a deployment needs besides the weights: how to rebuild the model and how to feed it."""
-    from vitforge.checkpoint import provenance
-
     return {"format": "vitforge-export", "version": 1, "model_name": meta["model_name"],
             "model_kwargs": meta["model_kwargs"], "classes": list(meta["classes"]), "preprocess": meta["preprocess"],
             "input_shape": list(shape), "input": "float32 (B, C, S, S), RGB scaled to [0, 1] then (x - mean) / std",

@@ -23,6 +23,7 @@ from vitforge.export.verify import (
     reference,
     report,
 )
+from vitforge.models.build import build_model
 from vitforge.outputs import usual_mode
 
 
@@ -52,8 +53,6 @@ def export_safetensors(model: nn.Module, meta: dict, out: Path, *, overwrite: bo
 def load_safetensors_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild (model in eval mode, config) from `x.safetensors` and `x.json` (registered model names only)."""
     from safetensors.torch import load_model
-
-    from vitforge.models.build import build_model
 
     path = Path(path)
     cfg_file = config_path(path)

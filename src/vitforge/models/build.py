@@ -7,7 +7,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from vitforge.config import Config
-from vitforge.registry import create_model
+from vitforge.models.registry import create_model
 
 
 def model_kwargs(cfg: Config, *, num_classes: int) -> dict:
@@ -25,9 +25,8 @@ def model_kwargs(cfg: Config, *, num_classes: int) -> dict:
 
 
 def build_model(name: str, kwargs: dict) -> nn.Module:
-    """`create_model` plus the name and arguments recorded on the module (checkpoints store both)."""
+    """`create_model` plus the arguments recorded on the module (checkpoints store them with the name)."""
     model = create_model(name, **kwargs)
-    model.vitforge_name = name  # type: ignore[attr-defined]
     model.vitforge_kwargs = dict(kwargs)  # type: ignore[attr-defined]
     return model
 

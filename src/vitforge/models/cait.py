@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vitforge.constants import IMAGENET_NORM
 from vitforge.models.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.class_attention import ClassAttentionBlock
 from vitforge.models.layers.talking_heads import TalkingHeadAttention
-from vitforge.models.vit import IMAGENET_NORM
-from vitforge.registry import register_model
+from vitforge.models.registry import register_model
 
 
 class TalkingHeadsBlock(nn.Module):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vitforge.constants import CIFAR10_NORM
 from vitforge.models.layers import Attention, DropPath, Mlp, PatchEmbed, drop_path_rates
 from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.pos_embed import sincos_1d
-from vitforge.models.vit import CIFAR10_NORM
-from vitforge.registry import register_model
+from vitforge.models.registry import register_model
 
 TOKENIZERS = ("conv", "patch")
 POS_EMBEDS = ("learned", "sincos", "none")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vitforge.models.vit import CIFAR10_NORM
-from vitforge.registry import register_model
+from vitforge.constants import CIFAR10_NORM
+from vitforge.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

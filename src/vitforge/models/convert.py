@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from vitforge.errors import CheckpointError
+from vitforge.models.registry import create_model
 
 # vitforge model name -> timm model name with the same architecture.
 TIMM_EQUIVALENTS = {
@@ -68,8 +69,6 @@ def from_timm(name: str, **kwargs) -> tuple[nn.Module, nn.Module]:
         (ours, theirs), both in eval mode.
     """
     import timm
-
-    from vitforge.registry import create_model
 
     if name not in TIMM_EQUIVALENTS:
         raise CheckpointError(f"no timm equivalent known for {name!r}; known: {sorted(TIMM_EQUIVALENTS)}")

@@ -8,8 +8,9 @@ Token init follows the timm version DeiT was released with: CLS, DIST and positi
 
 from __future__ import annotations
 
-from vitforge.models.vit import CIFAR10_NORM, IMAGENET_NORM, VisionTransformer, _vit
-from vitforge.registry import register_model
+from vitforge.constants import CIFAR10_NORM, IMAGENET_NORM
+from vitforge.models.registry import register_model
+from vitforge.models.vit import VisionTransformer, _vit
 
 
 @register_model

@@ -32,14 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitforge.constants import IMAGENET_NORM
 from vitforge.models.layers import Attention, DropPath, Mlp, drop_path_rates
 from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.ssm_scan import IMPLS as SCAN_IMPLS
 from vitforge.models.layers.ssm_scan import selective_scan_fn
-from vitforge.registry import register_model
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+from vitforge.models.registry import register_model
 
 
 # ---- windows --------------------------------------------------------------------------------------------------------
@@ -353,7 +351,7 @@ class MambaVision(GradCheckpointing, nn.Module):
             raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {scan_impl!r}")
         H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.pretrained_cfg = {"input_size": (in_chans, H, W), "crop_pct": crop_pct, "interpolation": "bicubic",
-                               "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+                               **IMAGENET_NORM}
         self.num_classes = num_classes
         self.num_features = int(dim * 2 ** (len(depths) - 1))
         self.patch_embed = Stem(in_chans=in_chans, in_dim=in_dim, dim=dim, strides=tuple(stem_strides))

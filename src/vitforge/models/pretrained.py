@@ -17,6 +17,7 @@ from vitforge.errors import CheckpointError, first_line
 
 log = logging.getLogger("vitforge")
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.", "head.fc.")
+CHECKPOINT_FORMAT = "vitforge-checkpoint"  # the marker `vitforge.checkpoint` writes into every checkpoint
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -37,9 +38,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise CheckpointError(f"model.pretrained: {p}: not a readable weights file "
                               f"({first_line(e, 120)})") from None
-    if isinstance(obj, dict) and obj.get("format") == "vitforge-checkpoint":
-        from vitforge.checkpoint import eval_state_dict
-
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return eval_state_dict(obj)
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -48,6 +47,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"model.pretrained: {p}: no state dict of tensors found")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def eval_state_dict(ckpt: dict) -> dict:
+    """The weights to evaluate: the EMA weights when the run evaluated with them, else the raw model."""
+    if ckpt.get("eval_weights") == "ema" and ckpt.get("ema"):
+        return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    return ckpt["model"]
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
+    """`load_state_dict(strict=True)` with a one-line error naming the file and the first mismatching keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[0]}")
+        if shape:
+            k = shape[0]
+            parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        name = getattr(model, "vitforge_name", type(model).__name__)
+        raise CheckpointError(f"{source} does not fit model {name}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
 
 
 def load_pretrained(model: nn.Module, path: str | Path, *, convert=None) -> dict:

@@ -40,7 +40,7 @@ from vitforge.models.layers.attention import record_attention
 from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.cluster_attention import ClusterBlock
 from vitforge.models.layers.deform_conv import DeformConv2d, PseudoDeformConv3d
-from vitforge.registry import register_model
+from vitforge.models.registry import register_model
 
 
 # ---- spectral stem (MDC-FSA) -----------------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vitforge.constants import CIFAR10_NORM
 from vitforge.models.layers import Block, PatchEmbed, drop_path_rates, sincos_2d
 from vitforge.models.layers.checkpointing import GradCheckpointing
 from vitforge.models.layers.class_attention import ClassTokenBlock
 from vitforge.models.layers.conv_stem import ConvStemPatchEmbed
 from vitforge.models.layers.rel_pos_bias import RelPosBias2d, stacked_biases
-from vitforge.registry import register_model
+from vitforge.models.registry import register_model
 
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("token", "avg")
@@ -30,8 +31,6 @@ HEAD_NORMS = ("shared", "per_head")
 WEIGHT_INITS = ("timm", "torch")
 TOKEN_INITS = ("timm", "trunc_normal", "zeros")
 
-IMAGENET_NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-CIFAR10_NORM = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)}
 
 
 class VisionTransformer(GradCheckpointing, nn.Module):

@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitforge.checkpoint import load_model
 from vitforge.errors import ConfigError
+from vitforge.models.registry import create_model, is_model
 
 KINDS = ("soft", "hard")
 REDUCTIONS = ("batchmean", "deit")
@@ -127,16 +129,12 @@ def build_teacher(spec: str, *, num_classes: int, device: str | torch.device, cl
     Raises:
         ConfigError: `spec` is none of the three, or the teacher's classes differ from the student's.
     """
-    from vitforge.registry import create_model, is_model
-
     if spec.startswith("timm:") or is_model(spec):
         try:
             teacher = create_model(spec, num_classes=num_classes)
         except ConfigError as e:  # unknown timm name (with suggestions), bad arguments
             raise ConfigError(f"distill.teacher: {str(e).removeprefix('model.name: ')}") from None
     elif Path(spec).exists():
-        from vitforge.checkpoint import load_model
-
         teacher, meta = load_model(spec, device=device)
         if classes is not None and meta.get("classes") != list(classes):
             raise ConfigError(f"distill.teacher: {spec} was trained on classes {meta['classes'][:10]}, the student on "

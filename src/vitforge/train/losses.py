@@ -13,13 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def one_hot_smooth(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """Class indices (B,) -> smoothed one-hot (B, K): 1 - s + s/K on the label, s/K elsewhere."""
-    off = smoothing / num_classes
-    out = torch.full((y.shape[0], num_classes), off, device=y.device)
-    return out.scatter_(1, y[:, None], 1.0 - smoothing + off)
-
-
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of -sum_k target_k log softmax(logits)_k (optionally class-weighted)."""
     logp = F.log_softmax(logits.float(), dim=-1)

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from vitforge.config import Config, to_yaml
+from vitforge.config import Config, to_dict, to_yaml
 from vitforge.errors import ConfigError
 
 log = logging.getLogger("vitforge")
@@ -236,6 +236,4 @@ class Trackers:
 
 
 def _plain(cfg: Config) -> dict:
-    from vitforge.config import to_dict
-
     return to_dict(cfg)

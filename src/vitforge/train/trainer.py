@@ -23,18 +23,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vitforge import runtime as D
 from vitforge.checkpoint import load_checkpoint, save_checkpoint
 from vitforge.config import Config, from_dict, load_config, to_dict
 from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, open_data, resolve_preprocess
-from vitforge.data.pipeline import FeatureSource, use_device_cache
+from vitforge.data.dataset import FeatureSource
+from vitforge.data.decoded import use_device_cache
 from vitforge.data.sources import NAMED_SOURCES, default_cache_dir
 from vitforge.errors import ConfigError, VitforgeError, first_line
-from vitforge.eval.evaluate import evaluate
+from vitforge.eval.evaluate import collect_logits, evaluate
+from vitforge.eval.metrics import label_metrics
+from vitforge.eval.verify import check_attention
 from vitforge.models.backbones import NAMED_WEIGHTS, classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
 from vitforge.models.layers.checkpointing import supports_grad_checkpointing
-from vitforge.train import distributed as D
 from vitforge.train import sam
+from vitforge.train.distill import build_criterion
 from vitforge.train.ema import ModelEma, ema_decay_at
 from vitforge.train.losses import ClassificationLoss
 from vitforge.train.optim import build_optimizer, lr_at, param_groups, set_lr
@@ -142,7 +146,7 @@ class Trainer:
         if self.data.val is not None:
             opt.batch_size = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
             self.val_stream = build_eval_stream(self.data.val, self.pre, opt)
-        bad = getattr(self.train_stream, "decode_bad", []) + getattr(self.val_stream, "decode_bad", [])
+        bad = self.train_stream.bad + (self.val_stream.bad if self.val_stream is not None else [])
         self.unreadable = sorted(set(bad))
 
     def _build_optimization(self) -> None:
@@ -157,7 +161,7 @@ class Trainer:
         decay = layer_decay_ids(self.model) if cfg.optim.layer_decay else (None, None)
         self.groups = param_groups(self.model, cfg.optim, *decay)
         self.optimizer = build_optimizer(self.groups, cfg.optim, self.device)
-        self.amp_dtype = _amp_dtype(cfg.train.amp, self.device)
+        self.amp_dtype = D.amp_dtype(cfg.train.amp, self.device)
         self._probe_input()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.ema = ModelEma(self.model, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
@@ -202,8 +206,6 @@ class Trainer:
         base = ClassificationLoss(cfg.train.label_smoothing, weight)
         if not cfg.distill.teacher:
             return base
-        from vitforge.train.distill import build_criterion
-
         return build_criterion(cfg.distill, base, num_classes=len(self.classes), device=self.device,
                                classes=self.classes, preprocess=self.pre.to_dict())
 
@@ -226,9 +228,7 @@ class Trainer:
         return torch.float32 if self.device.type == "mps" else torch.float64
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return D.autocast(self.device, self.amp_dtype)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -435,10 +435,6 @@ class Trainer:
     def _first_step_checks(self, x: torch.Tensor) -> None:
         if not (self.cfg.train.verify_attention and self.dist.main):
             return
-        try:
-            from vitforge.eval.verify import check_attention
-        except ImportError:
-            return
         with torch.no_grad():
             report = check_attention(self.raw_model, x[:2])
         self.raw_model.train()
@@ -553,23 +549,13 @@ class Trainer:
     def _best_metrics(self) -> dict:
         """best.pt on the validation split: accuracy, balanced accuracy (= AA), Cohen's kappa, macro F1, per-class
         recall. (Hyperspectral papers report OA = top-1, AA and kappa.)"""
-        import copy
-
-        from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, recall_score
-
-        from vitforge.eval.evaluate import collect_logits
-
         model = copy.deepcopy(self.raw_model)
         model.load_state_dict(load_checkpoint(self.run.best)["model"])
         logits, labels, _ = collect_logits(model, self.val_stream, autocast=self.autocast)
-        y, p = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
-        k = list(range(len(self.classes)))
-        return {"top1": float((y == p).mean() * 100), "balanced_accuracy": float(balanced_accuracy_score(y, p) * 100),
-                "kappa": float(cohen_kappa_score(y, p, labels=k)),
-                "macro_f1": float(f1_score(y, p, labels=k, average="macro", zero_division=0)),
-                "per_class_recall": dict(zip(self.classes, (recall_score(y, p, labels=k, average=None,
-                                                                         zero_division=0) * 100).tolist(),
-                                             strict=True))}
+        m = label_metrics(labels.cpu().numpy(), logits.argmax(1).cpu().numpy(), len(self.classes))
+        return {"top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"], "kappa": m["kappa"],
+                "macro_f1": m["macro_f1"],
+                "per_class_recall": dict(zip(self.classes, (m["recall"] * 100).tolist(), strict=True))}
 
     def _announce(self) -> None:
         if not self.dist.main:
@@ -627,14 +613,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _amp_dtype(mode: str, device: torch.device):
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode in ("auto", "bf16"):
-        return torch.bfloat16
-    return torch.float16
 
 
 def _smoothing_at(epoch: int, tcfg) -> float:

@@ -1,0 +1,65 @@
+"""Evaluate and predict with a trained checkpoint (the library side of `vitforge eval` / `vitforge predict`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitforge.config import from_dict
+from vitforge.data.dataset import Split, is_hyperspectral, open_hsi
+from vitforge.data.preprocess import Preprocess
+from vitforge.data.sources import check_same_classes, open_source
+from vitforge.data.streams import StreamOptions, build_eval_stream
+from vitforge.errors import DataError
+from vitforge.runtime import amp_dtype, autocast
+
+log = logging.getLogger("vitforge")
+
+
+def autocast_factory(device: torch.device):
+    """A no-argument factory of the inference autocast context (the `train.amp=auto` policy) for `device`."""
+    dtype = amp_dtype("auto", device)
+    return lambda: autocast(device, dtype)
+
+
+def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, device: torch.device,
+                    num_workers: int = 2):
+    """An evaluation stream over `data` preprocessed the way the checkpoint's model expects.
+
+    A hyperspectral cube (.mat/.npy) is read with the checkpoint's `data.hsi` settings (ground truth, extra band,
+    PCA, patch size) and every labelled pixel is evaluated.
+    """
+    if is_hyperspectral(data):
+        return _hsi_stream(meta, data, batch_size=batch_size, device=device)
+    src = open_source(data, labeled=labeled)
+    if len(src) == 0:
+        raise DataError(f"{data}: no images")
+    classes = meta["classes"]
+    if labeled:
+        if not src.labeled:
+            raise DataError(f"{data}: no labels to evaluate against (use `vitforge predict` for unlabeled images)")
+        labels = check_same_classes(classes, src, "data")
+    else:
+        labels = np.full(len(src), -1, dtype=np.int64)
+    split = Split(src, np.arange(len(src)), labels)
+    return stream_for_split(meta, split, batch_size=batch_size, device=device, num_workers=num_workers)
+
+
+def _hsi_stream(meta: dict, cube: str, *, batch_size: int, device: torch.device):
+    cfg = from_dict(meta["config"]).data
+    src, tr, te = open_hsi(cube, cfg)
+    labels = check_same_classes(meta["classes"], src, "data")
+    return stream_for_split(meta, Split(src, np.sort(np.concatenate([tr, te])), labels), batch_size=batch_size,
+                            device=device)
+
+
+def stream_for_split(meta: dict, split: Split, *, batch_size: int, device: torch.device, num_workers: int = 2,
+                     cache_dir: Path | None = None):
+    """An evaluation stream over a `Split` (labels already in the checkpoint's class order), preprocessed the way
+    the checkpoint's model expects; e.g. a run's own held-out split rebuilt with `open_data`."""
+    pre = Preprocess(**meta["preprocess"])
+    opt = StreamOptions(batch_size=batch_size, device=device, num_workers=num_workers, cache_dir=cache_dir)
+    return build_eval_stream(split, pre, opt)

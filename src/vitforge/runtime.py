@@ -1,0 +1,159 @@
+"""Where and how code runs: the device choice, the one mixed-precision policy, and the process-group helpers
+(torchrun environment, rank-0 gating, reductions and gathers over ranks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vitforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the process group that `torchrun` describes in the environment (no-op for a single process).
+
+    NCCL for CUDA, gloo otherwise (CPU tests run 2 gloo processes).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local)
+
+
+def pick_device(spec: str, info: DistInfo, option: str = "train.device") -> torch.device:
+    """`auto` = CUDA -> MPS -> CPU; under torchrun each process takes cuda:LOCAL_RANK. A device that is not there
+    (or not a device) is a ConfigError naming `option`."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", info.local_rank)
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option}: {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"{option}: {spec} requested but CUDA is not available here (torch {torch.__version__}"
+                              f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'}); "
+                              f"use cpu or auto")
+        if info.enabled and dev.index is None:
+            dev = torch.device("cuda", info.local_rank)
+        if (dev.index or 0) >= n:
+            raise ConfigError(f"{option}: {dev} requested but only {n} CUDA device(s) are visible")
+    elif dev.type == "mps" and not _mps_available():
+        raise ConfigError(f"{option}: mps requested but Apple's MPS backend is not available here; use cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{option}: {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def inference_device(spec: str, option: str = "--device") -> torch.device:
+    """The device of a single-process command (eval, predict, export, serve): `pick_device` without torchrun."""
+    return pick_device(spec, DistInfo(), option=option)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision policy, for training and inference alike.
+
+    `auto` is bfloat16 on CUDA (same exponent range as float32, so no loss scaling) and full precision elsewhere;
+    `bf16` / `fp16` force that dtype (fp16 training needs a GradScaler); `off` is full precision.
+    """
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode in ("auto", "bf16"):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A context manager running the block under autocast to `dtype` on `device` (a no-op for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def device_kind(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(spec).type
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's first axis over ranks (uneven lengths allowed), on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every floating-point buffer (e.g. BatchNorm running statistics) of `module` from rank `src`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.broadcast(b, src=src)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
