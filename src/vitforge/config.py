@@ -282,7 +282,7 @@ class EmaConfig:
     decay: float = 0.9998
     """EMA decay (at the start of training when `decay_end` is set)."""
     decay_end: float | None = None
-    """If set, the decay ramps linearly per epoch from `decay` to this value (seed 002: 0.995 -> 0.9995)."""
+    """If set, the decay ramps linearly per epoch from `decay` to this value (deit_kd recipe: 0.995 -> 0.9995)."""
     every: int = 1
     """Update every this many optimizer steps."""
     warmup: bool = True

@@ -1,4 +1,6 @@
-"""Hyperspectral scenes for SClusterFormer, following the official pipeline (`Loop_EMAP_train.py`, ARCHITECTURES §2.1).
+"""Hyperspectral scenes for SClusterFormer, following the official pipeline.
+
+Fang666666/HSIC_SClusterFormer `Loop_EMAP_train.py` and `main.py` (Fang, Sun, Zheng, Wu, IEEE TIP 34:701-716, 2025).
 
     cube (H, W, bands) + ground truth (H, W), 0 = unlabelled, classes 1..K
       -> PCA to 30 components with whitening, fitted on all pixels

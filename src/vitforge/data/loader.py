@@ -33,7 +33,8 @@ def epoch_plan(
     """Positions (into the dataset) that process `rank` visits in `epoch`.
 
     Training (shuffle): every image appears `repeats` times (repeated augmentation: each copy is augmented
-    independently, so an epoch holds repeats·n samples, as in seed 001), or `n` draws with probability `weights`
+    independently, so an epoch holds repeats·n samples; Hoffer et al., "Augment Your Batch", CVPR 2020; DeiT's
+    `samplers.py` `RASampler` uses 3), or `n` draws with probability `weights`
     (balanced sampling); the list is permuted with a (seed, epoch) generator, then dealt round-robin to the
     ranks and cut to equal length so every rank runs the same number of steps.
     Evaluation (no shuffle): rank r gets items r, r + world, ... (uneven counts are fine; metrics are summed).

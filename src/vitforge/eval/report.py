@@ -31,7 +31,7 @@ from vitforge.eval.ensemble import ensemble_metrics, run_ensemble
 from vitforge.eval.tta import trained_invariances
 from vitforge.version import __version__
 
-GRID = 36  # seed 002's prediction grid
+GRID = 36  # a 6x6 prediction grid, as in the evaluation of kiki101robo/AIRL_VIT-and-SAM2 `q1.ipynb`
 PAIRS, PER_PAIR = 5, 6
 
 

@@ -2,7 +2,8 @@
 
 A view maps the (B, C, S, S) float batch the evaluation stream yields (already resized and normalised) to another
 (B, C, S, S) batch on the same device; nothing goes back to the CPU. The model sees every view of a batch and the
-softmax probabilities are averaged with the set's weights (probabilities, not logits, as in seed 000).
+softmax probabilities are averaged with the set's weights (probabilities, not logits, as in the 12-pass "saccadic"
+TTA of AlphsX/Muffyn, README.md).
 
 How each view is done on the device:
     flip         `x.flip(-1)` (a strided copy).
@@ -34,7 +35,7 @@ from vitforge.errors import ConfigError, VitforgeError
 from vitforge.runtime import gather_cat
 
 ViewFn = Callable[[torch.Tensor], torch.Tensor]
-ZOOM = 1.15  # seed 000 close-up views
+ZOOM = 1.15  # close-up views of AlphsX/Muffyn's 12-pass TTA (1.15x zoom, centre and flipped)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ def tta_views(name: str, *, mean: torch.Tensor | None = None, std: torch.Tensor 
     """The views of a named set (the first is always the identity).
 
     Args:
-        name: none (1 view), flip (2), flip-shift (6, airbench weights), saccadic12 (12, seed 000, equal weights).
+        name: none (1 view), flip (2), flip-shift (6, airbench weights), saccadic12 (12, AlphsX/Muffyn, equal
+            weights).
         mean, std: (C,) normalisation of the batches on their device (only `saccadic12`'s colour view needs them).
         mirror: False drops the mirrored views (for a model trained without horizontal flips, e.g. on digits or
             text, to which a mirrored image is out of distribution).

@@ -1,10 +1,14 @@
-"""CaiT: Class-Attention in Image Transformers (Touvron et al. 2021; ARCHITECTURES §3.3).
+"""CaiT: Class-Attention in Image Transformers.
+
+Touvron, Cord, Sablayrolles, Synnaeve, Jégou, "Going deeper with Image Transformers" (ICCV 2021, arXiv 2103.17239);
+official code facebookresearch/deit `cait_models.py`, timm `timm/models/cait.py`.
 
 Two stages. Stage 1: patch tokens only (no CLS) through `depth` LayerScale blocks with talking-heads attention.
 Stage 2: the CLS token joins late and is refined by `depth_token_only` class-attention blocks whose query comes from
 CLS alone; the patch tokens are frozen inputs there. Final LayerNorm on [CLS, patches], head on CLS.
 Parameter names follow timm's `Cait` except LayerScale: timm `gamma_1`/`gamma_2` are our `ls1.gamma`/`ls2.gamma`
-(see `vitforge.models.convert`).
+(see `vitforge.models.convert`). LayerScale γ starts at ε = 0.1 for depth <= 18, 1e-5 for depth 24 (XXS24/XS24/S24),
+1e-6 deeper (S36/M36/M48); stage-1 drop path is uniform over the blocks, class-attention blocks have none.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Compact Transformers: CCT and ViT-Lite (Hassani et al. 2021, SHI-Labs/Compact-Transformers; ARCHITECTURES §3.4).
+"""Compact Transformers: CCT and ViT-Lite.
+
+Hassani et al., "Escaping the Big Data Paradigm with Compact Transformers" (arXiv 2104.05704); official code
+SHI-Labs/Compact-Transformers `src/cct.py`, `src/vit.py`, `src/utils/tokenizer.py`, `src/utils/transformers.py`.
 
 CCT replaces patchify by a small convolutional tokenizer and the CLS token by sequence pooling (an attention-weighted
 mean of the output tokens). ViT-Lite is the same encoder with a plain 4x4 patch embedding and a CLS token.

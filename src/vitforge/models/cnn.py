@@ -1,8 +1,8 @@
 """Convolutional CIFAR classifiers, used as distillation teachers for the ViT students.
 
 * `ResNetCifar` (He et al. 2016, CIFAR form): a 3x3 stride-1 stem and no max-pool, so stage 1 works on the full
-  32x32 map. An ImageNet stem (7x7/2 conv + max-pool, what seed 002's torchvision ResNet-50 teacher used at 32 px and
-  reached 88.71% with) shrinks the image to 8x8 before the first block.
+  32x32 map. An ImageNet stem (7x7/2 conv + max-pool) shrinks the image to 8x8 before the first block: the
+  torchvision ResNet-50 teacher of kiki101robo/AIRL_VIT-and-SAM2 (`q1.ipynb`) used it at 32 px and reached 88.71%.
 * `AirbenchNet`: the layout of airbench94/96 (K. Jordan, KellerJordan/cifar10-airbench): a 2x2 conv stem + GELU,
   three groups of [3x3 conv -> 2x2 max-pool -> BN -> GELU] followed by one (airbench94) or two (airbench96, with a
   residual over them) more conv-BN-GELU layers, a 3x3 max-pool, a bias-free linear head and logits scaled by 1/9.

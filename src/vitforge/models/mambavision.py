@@ -1,12 +1,13 @@
 """MambaVision (NVlabs, arXiv 2407.08083, CVPR 2025): a hybrid Mamba / self-attention backbone that runs anywhere.
 
-Faithful to the official `mambavision/models/mamba_vision.py` (ARCHITECTURES.md §1): parameter counts, state-dict keys
+Paper: Hatamizadeh & Kautz, "MambaVision: A Hybrid Mamba-Transformer Vision Backbone", arXiv 2407.08083 (CVPR 2025).
+Faithful to the official NVlabs/MambaVision `mambavision/models/mamba_vision.py`: parameter counts, state-dict keys
 (released checkpoints load with `strict=True`), block order, zero-padded windows, initialisation and quirks. The
 official file imports `mamba_ssm` at the top and so only runs where that CUDA extension builds; here the selective
 scan is pure PyTorch (`layers/ssm_scan.py`) and the kernel an optional speed-up, so the model runs on CPU and exports
 to ONNX.
 
-Structure (shapes for MambaVision-T at 224, D = 80; §1.1):
+Structure (shapes for MambaVision-T at 224, D = 80):
     patch_embed   3x3/s2 conv -> BN(eps 1e-4) -> ReLU, twice, no conv bias     (B, 3, 224, 224) -> (B, D, 56, 56)
     levels.0, .1  ConvBlocks, then `downsample` (3x3/s2 conv, C -> 2C)          -> (B, 2D, 28, 28) -> (B, 4D, 14, 14)
     levels.2, .3  hybrid blocks on zero-padded ws x ws windows (raster token order): the first ceil(n/2) blocks use
@@ -14,14 +15,15 @@ Structure (shapes for MambaVision-T at 224, D = 80; §1.1):
     norm, avgpool, head   BatchNorm2d(8D) -> global average pool -> Linear      -> (B, 8D, 1, 1) -> (B, classes)
 At 224 the default windows (14, 7) cover the whole stage-3/4 maps; other sizes are padded to window multiples.
 
-Quirks reproduced on purpose, because released checkpoints assume them (§1.7):
+Quirks reproduced on purpose, because released checkpoints assume them (all three are in `mamba_vision.py`):
     Q1  the mixer's depthwise convs have no bias (upstream passes `conv_bias // 2 == 0`): no `conv1d_*.bias` keys.
     Q2  δ = softplus(W_dt r + 2 b_dt): `dt_proj` is applied with its bias and the bias is passed to the scan again.
     Q3  the model-wide init pass overwrites the mixer's Mamba dt init: every Linear (dt_proj included) gets
         trunc-normal(0.02) weights and zero bias, so from scratch the dt bias starts at 0.
-The scan is Mamba's exact selective scan (input-dependent B, C, δ). Seed 003 describes something else (isotropic
-3.2M/22M/86M models, static SSM matrices, alternating layers); that is not the official design and is not built here
-(§1.10). `mambavision_cifar` is our own variant; its factory says where it deviates.
+The scan is Mamba's exact selective scan (input-dependent B, C, δ; Gu & Dao, arXiv 2312.00752). Write-ups that
+describe MambaVision as isotropic ViT-like models (3.2M/22M/86M, static SSM matrices, alternating Mamba and attention
+layers) do not match the official code and are not built here. `mambavision_cifar` is our own variant; its factory
+says where it deviates.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tens
 
 
 def attention_indices(depth: int) -> range:
-    """Blocks of a hybrid stage that use self-attention: the last floor(n/2), after all mixer blocks (§1.4).
+    """Blocks of a hybrid stage that use self-attention: the last floor(n/2), after all mixer blocks.
+
+    E.g. T: stage 3 (depth 8) blocks 4-7, stage 4 (depth 4) blocks 2-3; S: stage 3 (depth 7) blocks 4-6. The paper
+    found self-attention in the final layers of each hybrid stage works best.
 
     Upstream writes `n//2 + 1 .. n-1` for odd n and `n//2 .. n-1` for even n, which is `ceil(n/2) .. n-1`.
     """
@@ -117,7 +122,8 @@ class ConvBlock(nn.Module):
 
 
 class MambaVisionMixer(nn.Module):
-    """The MambaVision token mixer (§1.6): a selective-scan branch and a symmetric conv branch, concatenated.
+    """The MambaVision token mixer (`MambaVisionMixer` in `mamba_vision.py`): a selective-scan branch and a symmetric
+    conv branch, concatenated.
 
     in_proj C -> E (no bias) splits into x, z of h = E/2 channels; each goes through its own depthwise conv over the
     sequence ('same' padding, hence non-causal; no bias, Q1) and SiLU. x feeds the scan with selective B_t, C_t (from
@@ -418,7 +424,7 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-# ---- registered variants (ARCHITECTURES.md §1.9) ---------------------------------------------------------------------
+# ---- registered variants (sizes and ImageNet-1K top-1 from the NVlabs/MambaVision README) ---------------------------
 def _mambavision(defaults: dict, kwargs: dict) -> MambaVision:
     return MambaVision(**{**defaults, **kwargs})
 

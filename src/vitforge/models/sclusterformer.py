@@ -1,7 +1,10 @@
-"""SClusterFormer (Fang, Sun, Zheng, Wu, IEEE TIP 34:701-716, 2025) and the RGB variant seed 004 was after.
+"""SClusterFormer (Fang, Sun, Zheng, Wu, IEEE TIP 34:701-716, 2025, doi 10.1109/TIP.2024.3522809) and an RGB variant.
 
-Official hyperspectral model (`sclusterformer_hsi`, spec: ARCHITECTURES.md §2.1-2.4). Input (B, 1, 31, 13, 13): 30
-PCA bands + 1 EMAP band around a labelled pixel.
+Official hyperspectral model (`sclusterformer_hsi`), faithful to Fang666666/HSIC_SClusterFormer
+`models/SClusterFormer.py`, `models/CrossAttention.py`, `models/FS_Attention.py`, `models/Pseudo3DDeformConv.py` and
+`models/deform_conv_v3.py`, called from `Loop_EMAP_train.py` as SClusterFormer(img_size=13, pca_components=30,
+emap_components=1, n_groups=[16, 16, 16], depths=[2, 1, 1], embed_dims=[256, 128, 64], num_heads=[8, 8, 8],
+mlp_ratios=[1, 1, 1]). Input (B, 1, 31, 13, 13): 30 PCA bands + 1 EMAP band around a labelled pixel.
   PCA bands  -> MDC-FSA (pseudo-3-D deformable conv, multi-scale, DCT spectral attention) -> pad bands 30 -> 32
              -> upper branch: grouped 3x3 stride-1 pixel embeddings (256, 128, 64), spectral-angle cluster blocks
                 (2, 1, 1), 169 tokens at every stage
@@ -17,7 +20,7 @@ switch `double_softmax` (default False: the three outputs are logits, their c-we
 normal cross-entropy; True: each output is softmaxed first, rows sum to 1, as upstream). Because the weights c,
 (1-c)/2, (1-c)/2 sum to 1, with plain logits `head(forward_head(x, pre_logits=True))` equals the logits exactly.
 
-Kept from upstream (§2.4): stochastic hard cluster assignment (dropout 0.4 on the similarities before the argmax),
+Kept from upstream: stochastic hard cluster assignment (dropout 0.4 on the similarities before the argmax),
 30 bands and kernel 9 in the stems, full-width fusion scale, no fusion residual, the shared head, unconstrained c.
 Differences that do not change the function: 1x1 convolutions on tokens are `nn.Linear` (same parameters), the
 deformable conv runs through torchvision, cluster attention defaults to the memory-lean `matmul` formulation
@@ -352,16 +355,18 @@ class SClusterFormerHSI(_TwoBranchClassifier):
 
 
 class SClusterFormerRGB(_TwoBranchClassifier):
-    """RGB SClusterFormer: seed 004's intent made consistent (ARCHITECTURES.md §2.6).
+    """RGB SClusterFormer: the Kaggle RGB adaptation of rajanikant04/plant_disease_classification (apple-disease
+    images, 4 classes; `kaggle_final_optimized.py`, `models/SClusterFormer.py`, `OPTIMIZATION_SUMMARY.md`) made
+    consistent.
 
     Input (B, C, H, W) -> shared multi-scale deformable stem (C -> stem_dim, kernel 3) -> upper: grouped k4 s4
     embedding + spectral-angle cluster blocks; lower: plain k4 s4 embedding + Euclidean cluster blocks; later stages
     (if any) 3x3 stride 2; each branch output average-pooled over tokens to at most `token_cap` tokens; fusion, shared
     head, learnable c as in the official model. With the defaults (one stage of width 32, depth 2, 8 heads, 4 classes)
-    it has 141,889 parameters: seed 004's Kaggle model (272,897) minus its Conv1d(32 -> 64² = 4,096) fusion
+    it has 141,889 parameters: that Kaggle model (272,897) minus its Conv1d(32 -> 64² = 4,096) fusion
     projection (135,168) plus the consistent Conv1d(64 -> 64 tokens) (4,160).
 
-    Deviations from the seed-004 code (each fixes a defect found by running it, §2.5):
+    Deviations from that code (each fixes a defect found by running it at commit 727e85b):
       * DEVIATION (grid size from the token count): cluster blocks take the H x W of the embedding output, not
         `img_size` (upstream kept patch_size = 64 while the stride-4 embedding gives 16 x 16 tokens: reshape error).
       * DEVIATION (per-sample fusion): q from the lower tokens and k/v from the upper tokens of the same sample
@@ -427,5 +432,5 @@ def sclusterformer_hsi(**kwargs) -> SClusterFormerHSI:
 
 @register_model
 def sclusterformer_rgb(**kwargs) -> SClusterFormerRGB:
-    """RGB variant of §2.6: 64x64, stem 64, one stage of width 32 (k4 s4), token cap 64, 4 classes, 141,889 params."""
+    """RGB variant: 64x64, stem 64, one stage of width 32 (k4 s4), token cap 64, 4 classes, 141,889 params."""
     return SClusterFormerRGB(**{**dict(img_size=64, num_classes=4), **kwargs})

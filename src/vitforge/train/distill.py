@@ -1,4 +1,6 @@
-"""Knowledge distillation (Hinton et al. 2015; DeiT, Touvron et al. 2021; ARCHITECTURES §3.2).
+"""Knowledge distillation: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (arXiv 1503.02531);
+DeiT, Touvron et al., "Training data-efficient image transformers & distillation through attention" (ICML 2021, arXiv
+2012.12877; facebookresearch/deit `losses.py`, `DistillationLoss`).
 
 The teacher is frozen and in eval mode, and sees the same (Mixup/CutMix-mixed) batch as the student. A student with a
 distillation token returns (cls_logits, dist_logits) in training: the base loss goes on the CLS head and the KD term
@@ -6,7 +8,8 @@ on the DIST head; a single-head student gets both terms on its one output.
 
     L = (1 − α)·base(Z_s, y) + α·KD,   KD_soft = τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_d/τ)),   KD_hard = CE(Z_d, argmax Z_t)
 
-KL reduction "batchmean" is Hinton's (sum / B); "deit" is DeiT's legacy code (sum / (B·K)), K times smaller.
+KL reduction "batchmean" is Hinton's (sum / B); "deit" is DeiT's `losses.py` (the KL summed, then divided by the
+number of logits B·K), K times smaller. DeiT's defaults: α 0.5, τ 1.0; its paper's choice is hard distillation.
 """
 
 from __future__ import annotations

@@ -42,7 +42,11 @@ class ModelEma(nn.Module):
 
 
 def ema_decay_at(epoch: int, epochs: int, start: float, end: float | None) -> float:
-    """Decay for `epoch`: constant `start`, or a linear ramp start -> end over the run (seed 002)."""
+    """Decay for `epoch`: constant `start`, or a linear ramp start -> end over the run.
+
+    The ramp is the one of the CIFAR-10 KD ViT in kiki101robo/AIRL_VIT-and-SAM2 (`q1.ipynb`): 0.995 -> 0.9995 per
+    epoch, e.g. 0.995 + 0.0045·epoch/(epochs − 1).
+    """
     if end is None or epochs <= 1:
         return start
     return start + (end - start) * epoch / (epochs - 1)

@@ -101,7 +101,7 @@ class Attention(nn.Module):
 
 
 def record_attention(record: dict, q, k, v, attn) -> None:
-    """Write the seed-001 checks into `record`: Q/K/V/A shapes and max |row-sum(A) - 1|."""
+    """Write the attention checks into `record`: Q/K/V/A shapes and max |row-sum(A) - 1| (softmax rows sum to 1)."""
     record["Q"], record["K"], record["V"], record["A"] = (tuple(t.shape) for t in (q, k, v, attn))
     record["softmax_max_err"] = (attn.detach().float().sum(-1) - 1).abs().max().item()
 

@@ -28,7 +28,7 @@ class Block(nn.Module):
         dim: token width.
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / dim.
-        qkv_bias, proj_bias, mlp_bias: bias switches (seed 001 turns some off).
+        qkv_bias, proj_bias, mlp_bias: bias switches (`minivit_cifar` has qkv and MLP biases off, proj bias on).
         drop: dropout after attention projection and inside the MLP.
         attn_drop: dropout on attention probabilities.
         drop_path: stochastic-depth rate of this block.

@@ -2,9 +2,12 @@
 
 Two formulations that compute the same function (tested):
 
-* `ClassAttentionBlock` (CaiT, Touvron et al. 2021, §3): the query comes from the class token(s) only, keys and values
-  from all tokens, separate q/k/v projections (timm `ClassAttn` key names), LayerScale on both residual branches.
-* `ClassTokenBlock` (seed 002): an ordinary `Block` of which only the class-token rows are kept. Seed 002 computes the
+* `ClassAttentionBlock` (CaiT: Touvron et al., "Going deeper with Image Transformers", arXiv 2103.17239, Sec. 3;
+  facebookresearch/deit `cait_models.py`): the query comes from the class token(s) only, keys and values from all
+  tokens, separate q/k/v projections (timm `timm/models/cait.py` `ClassAttn` key names), LayerScale on both residual
+  branches.
+* `ClassTokenBlock` (the last 4 blocks of the CIFAR-10 KD ViT in kiki101robo/AIRL_VIT-and-SAM2 `q1.ipynb`): an
+  ordinary `Block` of which only the class-token rows are kept. That notebook computes the
   full N x N attention and slices; here only the class tokens' queries are computed (`Attention(num_queries=k)`),
   which gives the same rows for 1/N of the attention cost. The parameters are still those of `Block`.
 """
@@ -151,8 +154,8 @@ class ClassAttentionBlock(nn.Module):
 
 
 class ClassTokenBlock(Block):
-    """Seed 002's class-attention block: the class-token rows of full self-attention over all tokens (computed
-    from the class-token queries only).
+    """Class-attention block of the AIRL_VIT-and-SAM2 KD ViT: the class-token rows of full self-attention over all
+    tokens (computed from the class-token queries only). Unlike CaiT: no late CLS insertion, no LayerScale.
 
     Same parameters and key names as `Block`; x[:, num_cls:] (DIST and patches) passes through unchanged.
     `attn_bias` is the full (h, N, N) bias, as for `Block`.

@@ -1,4 +1,7 @@
-"""Cluster attention of SClusterFormer (lineage: Context Clusters, "Image as Set of Points", ICLR 2023).
+"""Cluster attention of SClusterFormer (lineage: Context Clusters, Ma et al., "Image as Set of Points", ICLR 2023).
+
+Official code: Fang666666/HSIC_SClusterFormer `models/SClusterFormer.py` (Cluster3D / Cluster2D); paper: Fang, Sun,
+Zheng, Wu, IEEE TIP 34:701-716, 2025. Widths there: 8 heads of d = 24 and a 4x4 centre grid (M = 16) in every stage.
 
 Per head, tokens are projected to features f_n and values v_n (width d); M centres c_m (and centre values v^c_m) are
 the adaptive average pool of the feature map to a fixed grid. Every token is assigned to its most similar centre
@@ -10,7 +13,9 @@ branch: exp(-||c^ - f^||) of L2-normalised vectors, in [exp(-2), 1]).
 
 Two interchangeable implementations with the same parameters:
 * `impl="broadcast"`: the official formulation. It materialises (B·h, M, N, d) tensors (centre-token differences,
-  weighted aggregation and dispatch): the memory problem behind seed 004's out-of-memory reports.
+  weighted aggregation and dispatch): with one token per pixel (64² or 96² tokens) that is gigabytes per tensor
+  (32·8·16·9,216·24 fp32 values ≈ 3.6 GB), the out-of-memory problem reported for the RGB adaptation in
+  rajanikant04/plant_disease_classification (`OPTIMIZATION_SUMMARY.md`).
 * `impl="matmul"` (default): the same sums as (B·h, M, N) x (B·h, N, d) products and ||a - b||² = 2 - 2 a·b for
   unit vectors; memory O(B·h·M·N). The Euclidean distance then differs by float rounding (about 1e-4 for nearly
   identical vectors in fp32), so near-ties may be assigned differently from the broadcast path.

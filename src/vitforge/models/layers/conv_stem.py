@@ -1,7 +1,8 @@
-"""Convolutional-stem patch embedding (seed 002, ARCHITECTURES §5).
+"""Convolutional-stem patch embedding, as in the CIFAR-10 KD ViT of kiki101robo/AIRL_VIT-and-SAM2 (`q1.ipynb`).
 
 A 3x3 convolution runs at full resolution before the image is cut into patches, so every patch vector already
-carries local (3x3) context: Conv3x3 (no bias) -> BatchNorm -> GELU -> p x p unfold -> Linear.
+carries local (3x3) context: Conv3x3 (no bias) -> BatchNorm -> GELU -> p x p unfold -> Linear. With 256 stem
+channels, p = 4 and D = 256 it has 6,912 + 512 + 1,048,832 = 1,056,256 parameters (10 % of that 10.6M model).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ConvStemPatchEmbed(nn.Module):
         x = self.act(self.bn(self.conv(x)))  # (B, C_s, H, W)
         # The Linear over unfolded channel-major (c, i, j) patch vectors is a p x p stride-p convolution with the
         # same weights viewed as (D, C_s, p, p): this avoids materialising the unfolded (B, C_s·p·p, N) tensor
-        # (268 MB at batch 512 in bf16 for seed 002) and its transposed copy.
+        # (268 MB at batch 512 in bf16 for 256 stem channels at 32 px) and its transposed copy.
         p = self.patch_size
         w = self.proj.weight.view(self.proj.out_features, -1, p, p)  # (D, C_s, p, p)
         x = F.conv2d(x, w, self.proj.bias, stride=p)  # (B, D, H/p, W/p)

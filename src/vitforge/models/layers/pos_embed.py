@@ -19,7 +19,7 @@ def sincos_1d(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torc
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
-    """2-D sin-cos table (grid_h·grid_w, dim), token order h·grid_w + w (seed 001 layout).
+    """2-D sin-cos table (grid_h·grid_w, dim), token order h·grid_w + w (raster).
 
     The first dim/2 channels encode the column index w, the last dim/2 the row index h, each with the 1-D layout.
     """

@@ -1,6 +1,7 @@
 """Selective scan (Mamba's S6 recurrence) in pure PyTorch, three ways, with mamba_ssm's CUDA kernel as an option.
 
-Semantics are those of `mamba_ssm.ops.selective_scan_interface.selective_scan_ref` (ARCHITECTURES.md §1.8), for
+Semantics are those of `selective_scan_ref` in state-spaces/mamba `mamba_ssm/ops/selective_scan_interface.py` (Gu &
+Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752), for
 u, δ: (B, D, L), A: (D, N) real, B/C: (D, N) constant, (B, N, L) selective or (B, G, N, L) grouped:
 
     δ = softplus(δ + δ_bias)                      (each step optional)
