@@ -10,7 +10,7 @@ from vitforge.config import Config, from_dict, load_config, to_dict, to_yaml
 from vitforge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + sorted((ROOT / "src/vitforge/recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_precedence(tmp_path):

@@ -14,7 +14,6 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 
 from vitforge.commands.cv import CrossValidation
@@ -29,6 +28,7 @@ from vitforge.eval.verify import run_verify_attention
 from vitforge.export import FORMATS, export_checkpoint
 from vitforge.models.backbones import NAMED_WEIGHTS
 from vitforge.outputs import check_output
+from vitforge.resources import RECIPES, find_recipe
 from vitforge.train.trainer import Trainer
 from vitforge.version import __version__
 
@@ -42,7 +42,8 @@ class Verb:
 
 # ---- train / demo ----------------------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="recipe YAML (omit with --resume)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML, or a packaged recipe such as cifar10/minivit (omit with "
+                                             "--resume)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-3")
     p.add_argument("--resume", metavar="RUN", help="continue a run directory (or its last.pt)")
     p.add_argument("--dry-run", action="store_true", help="validate the config and data, print it, train nothing")
@@ -59,7 +60,7 @@ def _run_train(a: argparse.Namespace) -> int:
     if recipe is None and not overrides:
         raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml), key=value overrides, "
                             "or --resume RUN")
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(find_recipe(recipe) if recipe else None, overrides)
     if a.dry_run:  # everything a run sets up (data, model, input check, teacher, optimizer), no run directory
         t = Trainer(cfg, download=False)
         print(to_yaml(t.cfg))
@@ -87,8 +88,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _run_demo(a: argparse.Namespace) -> int:
     import time
 
-    recipe = files("vitforge") / "recipes" / "demo.yaml"
-    cfg = load_config(str(recipe), a.overrides)
+    cfg = load_config(RECIPES / "demo.yaml", a.overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     run = trainer.fit()
@@ -197,7 +197,7 @@ def _run_export(a: argparse.Namespace) -> int:
 
 # ---- cross-validation / pseudo-labels --------------------------------------------------------------------------------
 def _cv_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="recipe YAML (or only key=value overrides)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML or packaged recipe name (or only key=value overrides)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.train=data/train")
     p.add_argument("--folds", type=int, required=True, help="number of stratified folds K (>= 2)")
     p.add_argument("--tta", default="none", help="test-time augmentation of the out-of-fold predictions")
@@ -209,7 +209,7 @@ def _run_cv(a: argparse.Namespace) -> int:
         recipe, overrides = None, [recipe, *overrides]
     if recipe is None and not overrides:
         raise VitforgeError("cv needs a recipe YAML or key=value overrides (e.g. data.train=data/train)")
-    cv = CrossValidation(load_config(recipe, overrides), a.folds, tta=a.tta)
+    cv = CrossValidation(load_config(find_recipe(recipe) if recipe else None, overrides), a.folds, tta=a.tta)
     summary = cv.run()
     if summary is None:
         return 130
