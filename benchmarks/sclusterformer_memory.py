@@ -1,17 +1,18 @@
-"""Peak memory of one SClusterFormer-RGB training step: seed 004's stride-1 configuration vs the optimized one.
+"""Peak memory of one SClusterFormer-RGB training step: the stride-1 configuration of the Kaggle RGB adaptation in
+rajanikant04/plant_disease_classification (commit af233c0) vs the optimized one.
 
 One step = forward, cross-entropy, backward, AdamW step (the Kaggle recipe's optimizer), fp32, random data, 4 classes.
-Configurations (all the §2.6 widths: stem 64, one stage of width 32, depth 2, 8 cluster heads of width 24):
+Configurations (all `sclusterformer_rgb` widths: stem 64, one stage of width 32, depth 2, 8 cluster heads of width 24):
 
   stride1_seed    every pixel a token (first embeddings 3x3 stride 1, no token cap), with the upstream
-                  formulation seed 004 ran: broadcast cluster attention, materialised fusion attention matrix
+                  formulation that adaptation ran: broadcast cluster attention, materialised fusion attention matrix
   stride1_lean    the same tokens with vitforge's default matmul cluster attention and SDPA fusion
-  optimized_seed  §2.6 (4x4 stride-4 embeddings, 16² tokens, pooled to 64) with the upstream formulation
-  optimized       §2.6 with vitforge's defaults (what `sclusterformer_rgb` builds)
+  optimized_seed  4x4 stride-4 embeddings, 16² tokens, pooled to 64, with the upstream formulation
+  optimized       the same with vitforge's defaults (what `sclusterformer_rgb` builds)
 
 With every pixel a token the fusion's token-mixing projection is an N x N Conv1d (N = 4,096 or 9,216), so that
-configuration also carries 17M / 85M extra parameters; it is the consistent form of the fusion, not seed 004's code
-(which did not run, ARCHITECTURES §2.5).
+configuration also carries 17M / 85M extra parameters; it is the consistent form of the fusion, not that
+adaptation's code (which did not run as committed: see `SClusterFormerRGB`'s docstring).
 
 Every configuration runs in a fresh subprocess. On CUDA the number is `torch.cuda.max_memory_allocated`; on CPU it
 is the peak resident set size of that process (VmHWM, reset to the current RSS just before the step through

@@ -6,14 +6,15 @@
 
 Pairs (ours vs timm, 32x32 inputs, patch 4, 10 classes, random weights; timm gets our model's dropout and drop-path
 rates, which cost time too):
-    deit_kd      ours `deit_kd_cifar` (seed 002: conv stem, CLS + DIST, rel-pos bias, 4 class-attention blocks)
-                 vs timm ViT dim 256 / depth 12 / 8 heads / MLP 4
+    deit_kd      ours `deit_kd_cifar` (the KD ViT of kiki101robo/AIRL_VIT-and-SAM2: conv stem, CLS + DIST, rel-pos
+                 bias, 4 class-attention blocks) vs timm ViT dim 256 / depth 12 / 8 heads / MLP 4
     deit_kd_ref  the same, ours computed the way it was first written (unfold stem, one bias gather per block, full
                  attention in the class-attention blocks; same function, tests/models/test_vit_fast_paths.py): the
                  baseline of our speed-ups
     vit256       ours plain `VisionTransformer` with exactly timm's layout and function (CLS, learned positions)
                  vs the same timm ViT: the implementation comparison
-    minivit      ours `minivit_cifar` (seed 001) vs timm ViT dim 96 / depth 9 / 12 heads / MLP 2
+    minivit      ours `minivit_cifar` (the Mini-ViT of AnanasClassic/ViT_SE_project) vs timm ViT dim 96 / depth 9 /
+                 12 heads / MLP 2
 
 One training step = forward under autocast (bf16 on CUDA), cross-entropy (mean over the heads of a two-head model),
 backward, AdamW step (fused on CUDA), zero_grad(set_to_none). Inputs are a fixed random batch already on the device
@@ -40,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _device import device_tag, sync  # noqa: E402
 from _results import RESULTS_DIR, save_result  # noqa: E402
 
-SEED002 = dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0, proj_drop_rate=0.05, attn_drop_rate=0.05,
+DEIT_KD = dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0, proj_drop_rate=0.05, attn_drop_rate=0.05,
                drop_path_rate=0.15)
 TIMM_SHAPES = {  # timm VisionTransformer kwargs per pair
-    "deit_kd": SEED002,
-    "deit_kd_ref": SEED002,
+    "deit_kd": DEIT_KD,
+    "deit_kd_ref": DEIT_KD,
     "vit256": dict(embed_dim=256, depth=12, num_heads=8, mlp_ratio=4.0),
     "minivit": dict(embed_dim=96, depth=9, num_heads=12, mlp_ratio=2.0, proj_drop_rate=0.1, attn_drop_rate=0.1),
 }

@@ -57,8 +57,8 @@ def test_bad_names_and_arguments_are_config_errors():
 
 @pytest.mark.parametrize("name,crop,resize,interp,head", [("swin_v2_b", 256, 272, "bicubic", "head"),
                                                            ("convnext_base", 224, 232, "bilinear", "classifier")])
-def test_seed_000_torchvision_models(name, crop, resize, interp, head):
-    """Seed 000's two models: torchvision's parameter count and preprocessing, built on the meta device."""
+def test_muffyn_torchvision_models(name, crop, resize, interp, head):
+    """The two models of AlphsX/Muffyn: torchvision's parameter count and preprocessing, built on the meta device."""
     weights = torchvision.models.get_model_weights(name).DEFAULT
     with torch.device("meta"):
         m1000 = create_model(f"tv:{name}", num_classes=1000)

@@ -1,4 +1,5 @@
-"""MambaVision: the faithfulness checklist of ARCHITECTURES.md §1.11, the selective scan, ONNX export, on CPU.
+"""MambaVision: faithfulness to NVlabs/MambaVision `mambavision/models/mamba_vision.py` (parameter counts of the
+README, checkpoint keys, block order, init and quirks), the selective scan, ONNX export, on CPU.
 
 Big variants are built on the `meta` device (shapes only, no memory, no compute); numerics use small models.
 """
@@ -29,7 +30,7 @@ from vitforge.models.registry import create_model
 
 VARIANTS = ["mambavision_t", "mambavision_t2", "mambavision_s", "mambavision_b", "mambavision_l", "mambavision_l2"]
 OFFICIAL_PARAMS = dict(zip(VARIANTS, [31_794_248, 35_104_008, 50_140_584, 97_685_288, 227_961_048, 241_554_824]))
-# §1.4: attention block indices of stage 3 and stage 4.
+# Attention block indices of stage 3 and stage 4: the last floor(n/2) blocks of each hybrid stage.
 ATTENTION_TABLE = {
     "mambavision_t": ([4, 5, 6, 7], [2, 3]),
     "mambavision_t2": ([6, 7, 8, 9, 10], [2, 3]),
@@ -73,7 +74,7 @@ def test_stage_parameter_breakdown_of_t():
 
 
 def official_keys(depths, attn, layer_scale: bool) -> set[str]:
-    """The key set of an official checkpoint, written from the §1.11 rules (not from our modules)."""
+    """The key set of an official checkpoint, written from `mamba_vision.py`'s module names (not from our modules)."""
     keys = {"patch_embed.conv_down.0.weight", "patch_embed.conv_down.3.weight", "head.weight", "head.bias"}
     keys |= {f"patch_embed.conv_down.{i}.{k}" for i in (1, 4) for k in BN} | {f"norm.{k}" for k in BN}
     for i, depth in enumerate(depths):
@@ -146,7 +147,7 @@ def info_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
     ((32, 32), [(80, 8, 8), (160, 4, 4), (320, 2, 2), (640, 1, 1), (640, 1, 1)]),  # 2x2 -> 14x14, 1x1 -> 7x7
 ])
 def test_t_shapes_per_level(hw, trace):
-    """§1.1 trace; each level reports its output after its downsample."""
+    """MambaVision-T shape trace at 224; each level reports its output after its downsample."""
     shapes = info_shapes(meta_model("mambavision_t"), torch.empty(2, 3, *hw, device="meta"))
     names = ["patch_embed", "levels.0", "levels.1", "levels.2", "levels.3"]
     assert [shapes[n] for n in names] == [(2, *t) for t in trace]
@@ -155,7 +156,7 @@ def test_t_shapes_per_level(hw, trace):
 
 
 def test_vitforge_info_reports_the_stage_shapes_of_t():
-    """`vitforge info mambavision_t` (library side): the §1.1 trace, levels reported after their downsample."""
+    """`vitforge info mambavision_t` (library side): the T trace, levels reported after their downsample."""
     from vitforge.commands.inspect import model_info
 
     info = model_info("mambavision_t")
@@ -227,7 +228,7 @@ def scan_inputs(layout="bnl", b=2, d=6, L=37, n=4, dtype=torch.float64, seed=0):
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias, softplus):
-    """§1.8 literally, scalar by scalar (selective (b, n, L) B and C)."""
+    """mamba_ssm's `selective_scan_ref` semantics literally, scalar by scalar (selective (b, n, L) B and C)."""
     b_, d_, L = u.shape
     y = torch.zeros(b_, d_, L, dtype=torch.float64)
     u, delta, A, B, C = (t.tolist() for t in (u, delta, A, B, C))
@@ -361,7 +362,8 @@ def random_mixer(dim=32, seed=0) -> MambaVisionMixer:
 
 
 def mixer_by_the_equations(m: MambaVisionMixer, u: torch.Tensor, bias_times: int) -> torch.Tensor:
-    """§1.6 written out independently: fused in_proj, 'same' convs, δ = softplus(W r + k·b), z concatenated."""
+    """The MambaVisionMixer written out independently: fused in_proj, 'same' convs, δ = softplus(W r + k·b), z
+    concatenated."""
     h, R, N = m.D.shape[0], m.dt_rank, m.d_state
     xz = u @ m.in_proj.weight.T  # (B, L, C)
     x, z = xz[..., :h].transpose(1, 2), xz[..., h:].transpose(1, 2)  # (B, h, L)

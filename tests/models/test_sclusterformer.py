@@ -1,4 +1,5 @@
-"""SClusterFormer: the faithfulness checklist of ARCHITECTURES.md §2.7 and the hyperspectral pipeline, on CPU."""
+"""SClusterFormer: faithfulness to Fang666666/HSIC_SClusterFormer (`models/SClusterFormer.py` and its modules:
+parameter split, shapes, cluster attention, deformable conv, fusion) and the hyperspectral pipeline, on CPU."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def hsi():
     return create_model("sclusterformer_hsi").eval()
 
 
-# ---- 1. parameter count and per-module split (§2.3) ------------------------------------------------------------------
+# ---- 1. parameter count and per-module split (official PaviaU configuration) -----------------------------------------
 def test_hsi_parameter_count_and_split(hsi):
     assert n_params(hsi) == 1_966_865
     split = {
@@ -55,7 +56,7 @@ def test_hsi_parameter_count_and_split(hsi):
         "lower": [(74_496, 561_412), (295_296, 107_778), (73_920, 45_890)],
         "fusion": 19_641, "head": 585, "c": 1,
     }
-    # §2.3's rows leave out the per-stage LayerNorms: 2·(256 + 128 + 64) per branch.
+    # The per-module rows below leave out the per-stage LayerNorms: 2·(256 + 128 + 64) per branch.
     assert n_params(hsi.upper.norms) == n_params(hsi.lower.norms) == 896
 
 
@@ -64,7 +65,7 @@ def test_hsi_parameter_count_other_scenes(classes, total):
     assert n_params(create_model("sclusterformer_hsi", num_classes=classes)) == total
 
 
-# ---- 2. shape trace (§2.3) and the head structure --------------------------------------------------------------------
+# ---- 2. shape trace and the head structure ---------------------------------------------------------------------------
 def test_hsi_shape_trace(hsi):
     shapes = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
@@ -230,8 +231,9 @@ def test_cluster_impls_agree_with_gradients(similarity):
 
 # ---- 4. deformable convolution ---------------------------------------------------------------------------------------
 def _spec_deform_conv(m: DeformConv2d, x: torch.Tensor) -> torch.Tensor:
-    """The port's sampler written from §2.2: pad by p, positions p0 + pn + offset clamped to the padded map, bilinear
-    weights from floor/ceil neighbours, modulation, samples tiled into a (h·k, w·k) map, stride-k convolution."""
+    """The port's sampler written from `deform_conv_v3.py`'s rules: pad by p, positions p0 + pn + offset clamped to
+    the padded map, bilinear weights from floor/ceil neighbours, modulation, samples tiled into a (h·k, w·k) map,
+    stride-k convolution."""
     k, p, s = m.kernel_size, m.padding, m.stride
     off = m.offset_conv(x)
     mask = torch.sigmoid(m.mask_conv(x)) if m.mask_conv is not None else 1.0
@@ -356,7 +358,8 @@ def rgb():
 
 
 def test_rgb_parameter_count(rgb):
-    # seed 004's Kaggle model has 272,897: the same minus its Conv1d(32 -> 4,096) plus Conv1d(64 -> 64 tokens)
+    # the Kaggle model of rajanikant04/plant_disease_classification has 272,897: the same minus its
+    # Conv1d(32 -> 4,096) plus Conv1d(64 -> 64 tokens)
     assert n_params(rgb) == 141_889 == 272_897 - (32 * 4096 + 4096) + (64 * 64 + 64)
     assert rgb.pretrained_cfg["input_size"] == (3, 64, 64)
     assert rgb.upper.out_grid == rgb.lower.out_grid == (16, 16)

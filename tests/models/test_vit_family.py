@@ -116,7 +116,7 @@ def test_class_attention_manual_equals_sdpa_fp32():
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
 
 
-def test_seed002_model_manual_equals_sdpa():
+def test_deit_kd_model_manual_equals_sdpa():
     torch.manual_seed(0)
     model = build("deit_kd_cifar").eval()
     with torch.no_grad():
@@ -171,7 +171,7 @@ def _block_io(model: nn.Module, block_type: type, x: torch.Tensor) -> list[tuple
     return seen
 
 
-def test_seed002_class_blocks_leave_dist_and_patches_bit_identical():
+def test_deit_kd_class_blocks_leave_dist_and_patches_bit_identical():
     torch.manual_seed(0)
     model = build("deit_kd_cifar").train()  # dropout and drop path active: still untouched
     seen = _block_io(model, ClassTokenBlock, sample_input(model, 2))
@@ -284,7 +284,7 @@ def test_minivit_seed_layout():
     assert model(sample_input(model, 2)).shape == (2, 10)
 
 
-def test_seed002_conv_stem_and_drop_path_schedule():
+def test_deit_kd_conv_stem_and_drop_path_schedule():
     model = build("deit_kd_cifar")
     pe = model.patch_embed
     assert pe.conv.bias is None and pe.proj.in_features == 256 * 16

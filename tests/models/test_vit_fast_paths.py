@@ -56,7 +56,7 @@ def _grads(model, out) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("kwargs", [SMALL_DEIT, {}], ids=["small", "seed002"])
+@pytest.mark.parametrize("kwargs", [SMALL_DEIT, {}], ids=["small", "deit_kd_cifar"])
 def test_deit_kd_forward_and_gradients_unchanged(kwargs):
     torch.manual_seed(0)
     model = _perturbed(create_model("deit_kd_cifar", **kwargs)).eval()

@@ -1,6 +1,6 @@
 """The CIFAR-10 recipes of issue 4 (recipes/cifar10/): they load through `vitforge train --dry-run` (data resolved
-relative to the repository root), keep the seeds' choices they claim to keep, and train a few steps on CPU (models
-shrunk through `model.args`, two optimizer steps, a 64-image validation split)."""
+relative to the repository root), keep the original projects' choices they claim to keep, and train a few steps on
+CPU (models shrunk through `model.args`, two optimizer steps, a 64-image validation split)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_all_recipes_share_data_split_and_normalisation():
         assert (c.data.mean, c.data.std) == (cfgs[0].data.mean, cfgs[0].data.std)  # teacher = student inputs
 
 
-def test_minivit_keeps_seed001_recipe():
+def test_minivit_keeps_the_vit_se_project_recipe():
     c = load_config(recipe("minivit"))
     assert c.model.name == "minivit_cifar"
     assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.no_decay_norm_bias) == ("adamw", 2e-3, 0.05, False)
@@ -76,7 +76,7 @@ def test_minivit_keeps_seed001_recipe():
     assert c.train.compile == "default" and not c.ema.enabled
 
 
-def test_deit_kd_keeps_seed002_recipe():
+def test_deit_kd_keeps_the_airl_vit_recipe():
     c = load_config(recipe("deit_kd"))
     assert c.model.name == "deit_kd_cifar" and c.data.aug.trivial_augment and c.data.aug.random_erasing == 0.25
     m = c.data.mix
