@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vitforge import cli
+from vitforge.commands import cli
 from vitforge.config import load_config
 from vitforge.data import gpu_policies as G
 from vitforge.models.build import build_model, model_kwargs
