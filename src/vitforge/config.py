@@ -43,11 +43,15 @@ class ModelConfig:
     """Stochastic depth; None keeps the model's default."""
     pretrained: str | None = None
     """Initial weights: a local file (.safetensors/.pth/.bin/.pt checkpoint), `hub`, or a named source."""
+    head_dropout: float | None = None
+    """Dropout on the features entering the classifier (timm:/tv: backbones); None keeps the model's default."""
 
     def __post_init__(self) -> None:
         _check("model.name", bool(self.name), "must not be empty")
         if self.drop_path_rate is not None:
             _check("model.drop_path_rate", 0.0 <= self.drop_path_rate < 1.0, "must be in [0, 1)")
+        if self.head_dropout is not None:
+            _check("model.head_dropout", 0.0 <= self.head_dropout < 1.0, "must be in [0, 1)")
 
 
 @dataclass
