@@ -8,6 +8,7 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,44 +55,90 @@ class ModelConfig:
             _check("model.head_dropout", 0.0 <= self.head_dropout < 1.0, "must be in [0, 1)")
 
 
+def _pair(key: str, value: list[float], lo: float, hi: float, what: str) -> None:
+    _check(key, len(value) == 2 and lo < value[0] <= value[1] <= hi, f"must be [min, max] with {what}")
+
+
 @dataclass
 class AugConfig:
+    """Training augmentation. Each option is one entry of `vitforge.data.augmentations.AUGMENTATIONS`, which runs it
+    on either path (torchvision transforms v2 in DataLoader workers, or batched on the training device) in the order:
+    pre-resize, crop, flip, rotation, affine, AutoAugment, TrivialAugment, RandAugment, colour jitter; then, on the
+    normalised batch on the device, random erasing."""
+
     crop_padding: int = 4
     """Random crop with this zero padding (small images on the device); 0 disables."""
     hflip: bool = True
     """Random horizontal flip."""
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    """RandomResizedCrop area range for large images (DataLoader path)."""
+    """RandomResizedCrop area range (fraction of the image)."""
+    rrc_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """RandomResizedCrop aspect-ratio range (width / height)."""
+    crop: str = "auto"
+    """Random crop: pad (random crop with `crop_padding`), rrc (RandomResizedCrop with `rrc_scale`/`rrc_ratio`),
+    auto (pad for images of at most 64 px, which are kept on the device; rrc for larger ones)."""
+    pre_resize: int | None = None
+    """Resize every training image to pre_resize x pre_resize before the random crop (e.g. 416 for 384 crops)."""
+    rotate: float = 0.0
+    """RandomRotation by an angle uniform in [-rotate, rotate] degrees (black corners); 0 disables."""
+    affine_translate: float = 0.0
+    """RandomAffine shift, uniform up to this fraction of the width (x) and of the height (y); 0 disables."""
+    affine_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """RandomAffine zoom factor range [min, max]; [1, 1] disables."""
+    affine_shear: float = 0.0
+    """RandomAffine shear parallel to the x axis, uniform in [-shear, shear] degrees; 0 disables."""
     auto_augment: str | None = None
     """AutoAugment policy: cifar10, imagenet or svhn."""
     trivial_augment: bool = False
     """TrivialAugmentWide."""
     rand_augment: str | None = None
-    """RandAugment as `n<ops>m<magnitude>`, e.g. n2m9."""
+    """RandAugment as `n<ops>m<magnitude>`, e.g. n2m9 (magnitude a bin of 31: 0-30)."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength."""
+    hue: float = 0.0
+    """Colour-jitter hue shift, uniform in [-hue, hue] (fraction of the hue circle, at most 0.5); 0 disables."""
     random_erasing: float = 0.0
     """RandomErasing probability."""
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 1 / 3])
+    """RandomErasing area range (fraction of the image) [min, max]."""
     repeats: int = 1
     """Repeated augmentation: each image appears this many times per epoch with independent augmentations."""
     backend: str = "auto"
     """Where per-sample policies run: auto, device (batched on the training device) or workers (CPU DataLoader)."""
 
     def __post_init__(self) -> None:
+        if self.pre_resize is not None:
+            _check("data.aug.pre_resize", self.pre_resize >= 1, "must be >= 1")
+        _choice("data.aug.crop", self.crop, ("auto", "pad", "rrc"))
         _check("data.aug.crop_padding", self.crop_padding >= 0, "must be >= 0")
-        _check("data.aug.rrc_scale", len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1,
-               "must be [min, max] with 0 < min <= max <= 1")
+        _pair("data.aug.rrc_scale", self.rrc_scale, 0, 1, "0 < min <= max <= 1")
+        _pair("data.aug.rrc_ratio", self.rrc_ratio, 0, float("inf"), "0 < min <= max")
+        _check("data.aug.rotate", 0 <= self.rotate <= 180, "must be in [0, 180] degrees")
+        _check("data.aug.affine_translate", 0 <= self.affine_translate <= 1, "must be a fraction in [0, 1]")
+        _pair("data.aug.affine_scale", self.affine_scale, 0, float("inf"), "0 < min <= max")
+        _check("data.aug.affine_shear", 0 <= self.affine_shear < 90, "must be in [0, 90) degrees")
         if self.auto_augment is not None:
             _choice("data.aug.auto_augment", self.auto_augment, ("cifar10", "imagenet", "svhn"))
         if self.rand_augment is not None:
-            import re
-
-            _check("data.aug.rand_augment", re.fullmatch(r"n\d+m\d+", self.rand_augment) is not None,
-                   f"{self.rand_augment!r} is not of the form n<ops>m<magnitude>, e.g. n2m9")
+            _check("data.aug.rand_augment", self.rand_augment_args is not None,
+                   f"{self.rand_augment!r} is not of the form n<ops>m<magnitude> with a magnitude of 0-30, e.g. n2m9")
         _check("data.aug.random_erasing", 0.0 <= self.random_erasing <= 1.0, "must be a probability in [0, 1]")
+        _pair("data.aug.erasing_scale", self.erasing_scale, 0, 1, "0 < min <= max <= 1")
         _check("data.aug.color_jitter", self.color_jitter >= 0, "must be >= 0")
+        _check("data.aug.hue", 0 <= self.hue <= 0.5, "must be in [0, 0.5]")
         _check("data.aug.repeats", self.repeats >= 1, "must be >= 1")
         _choice("data.aug.backend", self.backend, ("auto", "device", "workers"))
+
+    @property
+    def rand_augment_args(self) -> tuple[int, int] | None:
+        """(num_ops, magnitude) of `rand_augment` (magnitude a bin of torchvision's 31), None if unset or malformed."""
+        m = re.fullmatch(r"n(\d+)m(\d+)", self.rand_augment or "")
+        if m is None or int(m.group(2)) >= RAND_AUGMENT_BINS:
+            return None
+        return int(m.group(1)), int(m.group(2))
+
+
+RAND_AUGMENT_BINS = 31  # torchvision RandAugment's default num_magnitude_bins
 
 
 @dataclass

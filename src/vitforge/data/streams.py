@@ -2,9 +2,10 @@
 
     build_train_stream / build_eval_stream -> iterables of normalised float batches on the device
 
-Two paths: small images decoded once and augmented in batches on the device (`vitforge.data.decoded`,
-`vitforge.data.augment`, `vitforge.data.gpu_policies`), or DataLoader workers running torchvision transforms v2
-per sample (`vitforge.data.transforms`, `vitforge.data.loader`).
+Two paths: small images decoded once and augmented in batches on the device (`vitforge.data.decoded`, the device
+ops of `vitforge.data.augmentations`), or DataLoader workers running torchvision transforms v2 per sample
+(`vitforge.data.transforms`, `vitforge.data.loader`). Which augmentations run, and in which order, is read from the
+declarations in `vitforge.data.augmentations`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch
 
 from vitforge.config import AugConfig, DataConfig, MixConfig
 from vitforge.data import augment as A
+from vitforge.data.augmentations import Frame, compose_policies, device_ops, has_policies, normalised_ops
 from vitforge.data.dataset import FeatureSource, Split, readable_items
 from vitforge.data.decoded import decode_split, use_device_cache
-from vitforge.data.gpu_policies import build_device_policy
 from vitforge.data.loader import DeviceLoader, SampleDataset, WorkerLoader
 from vitforge.data.preprocess import Preprocess
 from vitforge.data.sources import Source
-from vitforge.data.transforms import eval_transform, has_policies, train_transform
+from vitforge.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger("vitforge.data")
 
@@ -33,8 +34,9 @@ class TrainStream:
     """Training batches on the device: (x normalised float (B, 3, S, S), target, idx).
 
     `target` is class indices, or soft targets when the batch was mixed (Mixup/CutMix with label smoothing).
-    Device path: crop + flip + per-sample policies (AutoAugment, ...; `gpu_policies`) happen here on uint8;
-    worker path: they already happened per sample.
+    Device path: the pixel augmentations (`augmentations.device_ops`: crop, flip, ..., then the per-sample policies
+    composed as `policy`) happen here on uint8; worker path: they already happened per sample. Both paths: the
+    normalised-batch ops (random erasing), then mixing.
     """
 
     def __init__(self, loader, pre: Preprocess, *, aug: AugConfig, mix: MixConfig, num_classes: int, seed: int,
@@ -43,7 +45,11 @@ class TrainStream:
         self.skipped = skipped  # items left out before training because they could not be decoded
         self.num_classes, self.seed, self.device = num_classes, seed, device
         self.on_device_aug = on_device_aug
-        self.policy = build_device_policy(aug) if on_device_aug else None
+        frame = Frame(small=True, size=pre.img_size, interpolation=pre.interpolation)  # device ops read the size
+        pixel_ops = device_ops(aug, frame) if on_device_aug else []
+        self.ops = [op for a, op in pixel_ops if not a.policy]  # pre-resize, crop, flip: declared before the policies
+        self.policy = compose_policies(pixel_ops)  # the per-sample policies, in order; None if none
+        self.after_normalise = normalised_ops(aug, frame)
         self.mean = torch.tensor(pre.mean, device=device)
         self.std = torch.tensor(pre.std, device=device)
         self.epoch, self.start_batch, self.smoothing = 0, 0, 0.0
@@ -69,14 +75,13 @@ class TrainStream:
             if self.pre.kind == "features":
                 yield (*self._mix(x, y, b), idx)
                 continue
-            if self.on_device_aug:
-                x = A.batch_crop(x, self.aug.crop_padding, gen)
-                if self.aug.hflip:
-                    x = A.batch_flip(x, gen)
-                if self.policy is not None:
-                    x = self.policy(x, gen)
+            for op in self.ops:
+                x = op(x, gen)
+            if self.policy is not None:
+                x = self.policy(x, gen)
             x = A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size)
-            x = A.batch_erase(x, self.aug.random_erasing, gen)
+            for op in self.after_normalise:
+                x = op(x, gen)
             yield (*self._mix(x, y, b), idx)
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
