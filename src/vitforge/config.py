@@ -8,6 +8,7 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,17 @@ class AugConfig:
 RAND_AUGMENT_BINS = 31  # torchvision RandAugment's default num_magnitude_bins
 
 
+def _epoch_or_fraction(key: str, value: float | None) -> None:
+    if value is not None:
+        _check(key, value >= 0 and (value < 1 or float(value).is_integer()),
+               "must be an epoch (a whole number) or a fraction of train.epochs in (0, 1)")
+
+
+def epoch_at(value: float, epochs: int) -> int:
+    """An epoch given as a whole number (0-based epoch) or as a fraction in (0, 1) of `epochs` (rounded up)."""
+    return int(value) if value == 0 or value >= 1 else math.ceil(value * epochs - 1e-9)
+
+
 @dataclass
 class MixConfig:
     mixup_alpha: float = 0.0
@@ -151,18 +163,30 @@ class MixConfig:
     """Probability that a batch is mixed at all."""
     switch_prob: float = 0.5
     """With both enabled: probability that a mixed batch uses CutMix instead of Mixup."""
-    off_epoch: int | None = None
-    """From this epoch (0-based) on, no mixing."""
+    on_epoch: float = 0.0
+    """Mixing starts at this epoch (0-based), or at this fraction of train.epochs when in (0, 1); set it to
+    train.head_epochs to mix in fine-tuning phase 2 only."""
+    off_epoch: float | None = None
+    """From this epoch (0-based) on, or from this fraction of train.epochs when in (0, 1), no mixing."""
 
     def __post_init__(self) -> None:
         _check("data.mix.mixup_alpha", self.mixup_alpha >= 0, "must be >= 0")
         _check("data.mix.cutmix_alpha", self.cutmix_alpha >= 0, "must be >= 0")
         _check("data.mix.prob", 0.0 <= self.prob <= 1.0, "must be a probability in [0, 1]")
         _check("data.mix.switch_prob", 0.0 <= self.switch_prob <= 1.0, "must be a probability in [0, 1]")
+        _epoch_or_fraction("data.mix.on_epoch", self.on_epoch)
+        _epoch_or_fraction("data.mix.off_epoch", self.off_epoch)
 
     @property
     def enabled(self) -> bool:
         return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def active(self, epoch: int, epochs: int) -> bool:
+        """Whether batches of `epoch` (0-based) of an `epochs`-epoch run are mixed: enabled, and on_epoch <= epoch <
+        off_epoch."""
+        if not self.enabled or epoch < epoch_at(self.on_epoch, epochs):
+            return False
+        return self.off_epoch is None or epoch < epoch_at(self.off_epoch, epochs)
 
 
 @dataclass
@@ -478,6 +502,15 @@ class Config:
         w, e = self.schedule.warmup_epochs, self.train.epochs - self.train.head_epochs
         _check("schedule.warmup_epochs", w == 0 or w < e, f"must be smaller than the {e} training epoch(s) it warms "
                f"up (train.epochs minus train.head_epochs), else the learning rate never reaches its decay")
+        mix, epochs = self.data.mix, self.train.epochs
+        if mix.enabled:
+            on = epoch_at(mix.on_epoch, epochs)
+            _check("data.mix.on_epoch", on < epochs, f"epoch {on} is not before the end of training "
+                   f"(train.epochs={epochs}): mixing would never start")
+            if mix.off_epoch is not None:
+                off = epoch_at(mix.off_epoch, epochs)
+                _check("data.mix.off_epoch", on < off, f"epoch {off} is not after data.mix.on_epoch (epoch {on}): "
+                       f"mixing would never happen")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))

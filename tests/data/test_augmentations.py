@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitforge.config import AugConfig, DataConfig
+from vitforge.config import AugConfig, DataConfig, MixConfig, load_config
 from vitforge.data import augment as A
 from vitforge.data import gpu_policies as G
 from vitforge.data.augmentations import (
@@ -256,10 +257,11 @@ def test_erasing_boxes_cover_the_configured_area():
 
 
 # ---- the training stream: both paths, exact resume -----------------------------------------------------------------
-def _stream(folder, backend: str, **aug):
-    cfg = DataConfig(train=str(folder), val_split=0, batch_size=8, aug=AugConfig(backend=backend, **aug))
+def _stream(folder, backend: str, epochs: int | None = None, mix: MixConfig | None = None, **aug):
+    cfg = DataConfig(train=str(folder), val_split=0, batch_size=8, aug=AugConfig(backend=backend, **aug),
+                     mix=mix or MixConfig())
     data = open_data(cfg)
-    opt = StreamOptions(batch_size=8, device=CPU, seed=4, num_workers=0)
+    opt = StreamOptions(batch_size=8, device=CPU, seed=4, num_workers=0, epochs=epochs)
     return build_train_stream(data.train, Preprocess(16, [0.5] * 3, [0.25] * 3), cfg, opt,
                               num_classes=len(data.classes))
 
@@ -280,6 +282,40 @@ def test_new_augmentations_run_on_both_paths_and_resume_exactly(image_folder, ba
     assert torch.equal(next(iter(s))[0], batches[2])
     s.set_epoch(1)
     assert not torch.equal(next(iter(s))[0], batches[0])
+
+
+def test_mixing_in_phase_two_only(image_folder):
+    mix = MixConfig(mixup_alpha=0.4, cutmix_alpha=1.0, on_epoch=2)
+    s = _stream(image_folder, "device", epochs=6, mix=mix)
+    kinds = []
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        kinds.append([y.ndim for _, y, _ in s])  # class indices (1-D) or mixed soft targets (B, K)
+    assert kinds == [[1] * 4, [1] * 4, [2] * 4, [2] * 4]
+    assert [MixConfig(mixup_alpha=1, on_epoch=0.25, off_epoch=0.75).active(e, 8) for e in range(8)] == [
+        False, False, True, True, True, True, False, False]
+    assert [MixConfig(cutmix_alpha=1, off_epoch=3).active(e, 8) for e in range(5)] == [True] * 3 + [False] * 2
+    assert not MixConfig(on_epoch=1).active(4, 8)  # no alpha: never
+    with pytest.raises(ConfigError, match="a fraction of the run needs its number of epochs"):
+        _stream(image_folder, "device", mix=MixConfig(mixup_alpha=0.4, on_epoch=0.5))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.mix.on_epoch=2.5"], "data.mix.on_epoch: must be an epoch (a whole number) or a fraction of train.epochs"),
+    (["data.mix.on_epoch=10"], "data.mix.on_epoch: epoch 10 is not before the end of training (train.epochs=10)"),
+    (["data.mix.on_epoch=0.5", "data.mix.off_epoch=4"], "data.mix.off_epoch: epoch 4 is not after data.mix.on_epoch "
+                                                        "(epoch 5)"),
+])
+def test_an_empty_mixing_window_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["data.mix.mixup_alpha=0.2", *overrides])
+
+
+def test_a_mixing_window_is_only_checked_when_mixing_is_on():
+    assert load_config(None, ["data.mix.on_epoch=10"]).data.mix.on_epoch == 10  # no alpha: never mixes anyway
+    cfg = load_config(None, ["data.mix.cutmix_alpha=1", "train.epochs=40", "train.head_epochs=5",
+                             "data.mix.on_epoch=5", "data.mix.off_epoch=0.9"])
+    assert [cfg.data.mix.active(e, 40) for e in (4, 5, 35, 36)] == [False, True, True, False]
 
 
 # ---- what test-time augmentation reads -------------------------------------------------------------------------------
