@@ -8,6 +8,8 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,51 +45,112 @@ class ModelConfig:
     """Stochastic depth; None keeps the model's default."""
     pretrained: str | None = None
     """Initial weights: a local file (.safetensors/.pth/.bin/.pt checkpoint), `hub`, or a named source."""
+    head_dropout: float | None = None
+    """Dropout on the features entering the classifier (timm:/tv: backbones); None keeps the model's default."""
 
     def __post_init__(self) -> None:
         _check("model.name", bool(self.name), "must not be empty")
         if self.drop_path_rate is not None:
             _check("model.drop_path_rate", 0.0 <= self.drop_path_rate < 1.0, "must be in [0, 1)")
+        if self.head_dropout is not None:
+            _check("model.head_dropout", 0.0 <= self.head_dropout < 1.0, "must be in [0, 1)")
+
+
+def _pair(key: str, value: list[float], lo: float, hi: float, what: str) -> None:
+    _check(key, len(value) == 2 and lo < value[0] <= value[1] <= hi, f"must be [min, max] with {what}")
 
 
 @dataclass
 class AugConfig:
+    """Training augmentation. Each option is one entry of `vitforge.data.augmentations.AUGMENTATIONS`, which runs it
+    on either path (torchvision transforms v2 in DataLoader workers, or batched on the training device) in the order:
+    pre-resize, crop, flip, rotation, affine, AutoAugment, TrivialAugment, RandAugment, colour jitter; then, on the
+    normalised batch on the device, random erasing."""
+
     crop_padding: int = 4
     """Random crop with this zero padding (small images on the device); 0 disables."""
     hflip: bool = True
     """Random horizontal flip."""
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    """RandomResizedCrop area range for large images (DataLoader path)."""
+    """RandomResizedCrop area range (fraction of the image)."""
+    rrc_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """RandomResizedCrop aspect-ratio range (width / height)."""
+    crop: str = "auto"
+    """Random crop: pad (random crop with `crop_padding`), rrc (RandomResizedCrop with `rrc_scale`/`rrc_ratio`),
+    auto (pad for images of at most 64 px, which are kept on the device; rrc for larger ones)."""
+    pre_resize: int | None = None
+    """Resize every training image to pre_resize x pre_resize before the random crop (e.g. 416 for 384 crops)."""
+    rotate: float = 0.0
+    """RandomRotation by an angle uniform in [-rotate, rotate] degrees (black corners); 0 disables."""
+    affine_translate: float = 0.0
+    """RandomAffine shift, uniform up to this fraction of the width (x) and of the height (y); 0 disables."""
+    affine_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """RandomAffine zoom factor range [min, max]; [1, 1] disables."""
+    affine_shear: float = 0.0
+    """RandomAffine shear parallel to the x axis, uniform in [-shear, shear] degrees; 0 disables."""
     auto_augment: str | None = None
     """AutoAugment policy: cifar10, imagenet or svhn."""
     trivial_augment: bool = False
     """TrivialAugmentWide."""
     rand_augment: str | None = None
-    """RandAugment as `n<ops>m<magnitude>`, e.g. n2m9."""
+    """RandAugment as `n<ops>m<magnitude>`, e.g. n2m9 (magnitude a bin of 31: 0-30)."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength."""
+    hue: float = 0.0
+    """Colour-jitter hue shift, uniform in [-hue, hue] (fraction of the hue circle, at most 0.5); 0 disables."""
     random_erasing: float = 0.0
     """RandomErasing probability."""
+    erasing_scale: list[float] = field(default_factory=lambda: [0.02, 1 / 3])
+    """RandomErasing area range (fraction of the image) [min, max]."""
     repeats: int = 1
     """Repeated augmentation: each image appears this many times per epoch with independent augmentations."""
     backend: str = "auto"
     """Where per-sample policies run: auto, device (batched on the training device) or workers (CPU DataLoader)."""
 
     def __post_init__(self) -> None:
+        if self.pre_resize is not None:
+            _check("data.aug.pre_resize", self.pre_resize >= 1, "must be >= 1")
+        _choice("data.aug.crop", self.crop, ("auto", "pad", "rrc"))
         _check("data.aug.crop_padding", self.crop_padding >= 0, "must be >= 0")
-        _check("data.aug.rrc_scale", len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1,
-               "must be [min, max] with 0 < min <= max <= 1")
+        _pair("data.aug.rrc_scale", self.rrc_scale, 0, 1, "0 < min <= max <= 1")
+        _pair("data.aug.rrc_ratio", self.rrc_ratio, 0, float("inf"), "0 < min <= max")
+        _check("data.aug.rotate", 0 <= self.rotate <= 180, "must be in [0, 180] degrees")
+        _check("data.aug.affine_translate", 0 <= self.affine_translate <= 1, "must be a fraction in [0, 1]")
+        _pair("data.aug.affine_scale", self.affine_scale, 0, float("inf"), "0 < min <= max")
+        _check("data.aug.affine_shear", 0 <= self.affine_shear < 90, "must be in [0, 90) degrees")
         if self.auto_augment is not None:
             _choice("data.aug.auto_augment", self.auto_augment, ("cifar10", "imagenet", "svhn"))
         if self.rand_augment is not None:
-            import re
-
-            _check("data.aug.rand_augment", re.fullmatch(r"n\d+m\d+", self.rand_augment) is not None,
-                   f"{self.rand_augment!r} is not of the form n<ops>m<magnitude>, e.g. n2m9")
+            _check("data.aug.rand_augment", self.rand_augment_args is not None,
+                   f"{self.rand_augment!r} is not of the form n<ops>m<magnitude> with a magnitude of 0-30, e.g. n2m9")
         _check("data.aug.random_erasing", 0.0 <= self.random_erasing <= 1.0, "must be a probability in [0, 1]")
+        _pair("data.aug.erasing_scale", self.erasing_scale, 0, 1, "0 < min <= max <= 1")
         _check("data.aug.color_jitter", self.color_jitter >= 0, "must be >= 0")
+        _check("data.aug.hue", 0 <= self.hue <= 0.5, "must be in [0, 0.5]")
         _check("data.aug.repeats", self.repeats >= 1, "must be >= 1")
         _choice("data.aug.backend", self.backend, ("auto", "device", "workers"))
+
+    @property
+    def rand_augment_args(self) -> tuple[int, int] | None:
+        """(num_ops, magnitude) of `rand_augment` (magnitude a bin of torchvision's 31), None if unset or malformed."""
+        m = re.fullmatch(r"n(\d+)m(\d+)", self.rand_augment or "")
+        if m is None or int(m.group(2)) >= RAND_AUGMENT_BINS:
+            return None
+        return int(m.group(1)), int(m.group(2))
+
+
+RAND_AUGMENT_BINS = 31  # torchvision RandAugment's default num_magnitude_bins
+
+
+def _epoch_or_fraction(key: str, value: float | None) -> None:
+    if value is not None:
+        _check(key, value >= 0 and (value < 1 or float(value).is_integer()),
+               "must be an epoch (a whole number) or a fraction of train.epochs in (0, 1)")
+
+
+def epoch_at(value: float, epochs: int) -> int:
+    """An epoch given as a whole number (0-based epoch) or as a fraction in (0, 1) of `epochs` (rounded up)."""
+    return int(value) if value == 0 or value >= 1 else math.ceil(value * epochs - 1e-9)
 
 
 @dataclass
@@ -100,18 +163,30 @@ class MixConfig:
     """Probability that a batch is mixed at all."""
     switch_prob: float = 0.5
     """With both enabled: probability that a mixed batch uses CutMix instead of Mixup."""
-    off_epoch: int | None = None
-    """From this epoch (0-based) on, no mixing."""
+    on_epoch: float = 0.0
+    """Mixing starts at this epoch (0-based), or at this fraction of train.epochs when in (0, 1); set it to
+    train.head_epochs to mix in fine-tuning phase 2 only."""
+    off_epoch: float | None = None
+    """From this epoch (0-based) on, or from this fraction of train.epochs when in (0, 1), no mixing."""
 
     def __post_init__(self) -> None:
         _check("data.mix.mixup_alpha", self.mixup_alpha >= 0, "must be >= 0")
         _check("data.mix.cutmix_alpha", self.cutmix_alpha >= 0, "must be >= 0")
         _check("data.mix.prob", 0.0 <= self.prob <= 1.0, "must be a probability in [0, 1]")
         _check("data.mix.switch_prob", 0.0 <= self.switch_prob <= 1.0, "must be a probability in [0, 1]")
+        _epoch_or_fraction("data.mix.on_epoch", self.on_epoch)
+        _epoch_or_fraction("data.mix.off_epoch", self.off_epoch)
 
     @property
     def enabled(self) -> bool:
         return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def active(self, epoch: int, epochs: int) -> bool:
+        """Whether batches of `epoch` (0-based) of an `epochs`-epoch run are mixed: enabled, and on_epoch <= epoch <
+        off_epoch."""
+        if not self.enabled or epoch < epoch_at(self.on_epoch, epochs):
+            return False
+        return self.off_epoch is None or epoch < epoch_at(self.off_epoch, epochs)
 
 
 @dataclass
@@ -427,6 +502,15 @@ class Config:
         w, e = self.schedule.warmup_epochs, self.train.epochs - self.train.head_epochs
         _check("schedule.warmup_epochs", w == 0 or w < e, f"must be smaller than the {e} training epoch(s) it warms "
                f"up (train.epochs minus train.head_epochs), else the learning rate never reaches its decay")
+        mix, epochs = self.data.mix, self.train.epochs
+        if mix.enabled:
+            on = epoch_at(mix.on_epoch, epochs)
+            _check("data.mix.on_epoch", on < epochs, f"epoch {on} is not before the end of training "
+                   f"(train.epochs={epochs}): mixing would never start")
+            if mix.off_epoch is not None:
+                off = epoch_at(mix.off_epoch, epochs)
+                _check("data.mix.off_epoch", on < off, f"epoch {off} is not after data.mix.on_epoch (epoch {on}): "
+                       f"mixing would never happen")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))

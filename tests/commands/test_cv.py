@@ -23,6 +23,7 @@ from vitforge.commands.cli import main
 from vitforge.commands.cv import run_cv
 from vitforge.config import load_config
 from vitforge.data import open_data
+from vitforge.data.transforms import train_transform
 from vitforge.errors import ConfigError
 from vitforge.models.registry import create_model
 
@@ -153,3 +154,17 @@ def test_muffyn_recipes_validate(recipe, tmp_path, capsys):
     data = make_image_folder(tmp_path / "train", classes=("chihuahua", "muffin"), per_class=5, size=8)
     assert main(["train", str(recipe), "--dry-run", f"data.train={data}"]) == 0
     assert "# data: 8 train / 2 val images, 2 classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", MUFFYN, ids=[p.stem for p in MUFFYN])
+def test_muffyn_recipes_use_the_seed_augmentation_and_mix_in_phase_two(recipe):
+    cfg = load_config(recipe)
+    a, m, epochs = cfg.data.aug, cfg.data.mix, cfg.train.epochs
+    assert a.pre_resize == cfg.data.img_size + 32 and a.rrc_scale == [0.7, 1.0] and a.hflip  # resize 416, crop 384
+    assert a.rotate == 15 and a.affine_translate == 0.1 and a.affine_scale == [0.9, 1.1] and a.affine_shear == 0
+    assert a.color_jitter == 0.3 and a.hue == 0.05 and a.random_erasing == 0.2 and a.erasing_scale == [0.02, 0.15]
+    assert m.on_epoch == cfg.train.head_epochs and (m.mixup_alpha, m.cutmix_alpha, m.prob) == (0.2, 1.0, 0.5)
+    assert [m.active(e, epochs) for e in range(epochs)] == [False] * 5 + [True] * 35  # phase 2 only
+    ops = train_transform(cfg.data.img_size, a, small=False).transforms[1:-1]
+    assert [type(t).__name__ for t in ops] == ["Resize", "RandomResizedCrop", "RandomHorizontalFlip",
+                                               "RandomRotation", "RandomAffine", "ColorJitter"]

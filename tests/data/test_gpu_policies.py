@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from vitforge.config import AugConfig, DataConfig
 from vitforge.data import gpu_policies as G
 from vitforge.data.augment import step_generator
+from vitforge.data.augmentations import build_device_policy
 from vitforge.data.dataset import open_data
 from vitforge.data.loader import DeviceLoader, WorkerLoader
 from vitforge.data.preprocess import Preprocess
@@ -175,9 +176,9 @@ def test_color_jitter_factors_and_random_order():
 
 
 def test_build_device_policy_follows_the_aug_config():
-    assert G.build_device_policy(AugConfig()) is None
-    assert isinstance(G.build_device_policy(AugConfig(auto_augment="cifar10")), G.AutoAugment)
-    both = G.build_device_policy(AugConfig(trivial_augment=True, rand_augment="n2m9", color_jitter=0.2))
+    assert build_device_policy(AugConfig()) is None
+    assert isinstance(build_device_policy(AugConfig(auto_augment="cifar10")), G.AutoAugment)
+    both = build_device_policy(AugConfig(trivial_augment=True, rand_augment="n2m9", color_jitter=0.2))
     assert [type(p) for p in both.policies] == [G.TrivialAugmentWide, G.RandAugment, G.ColorJitter]
     assert both.policies[1].num_ops == 2 and both.policies[1].magnitude == 9
     assert G.AutoAugment("cifar10").ops[0] == "Identity" and "Invert" in G.AutoAugment("cifar10").ops

@@ -12,7 +12,7 @@ from vitforge.checkpoint import load_model
 from vitforge.config import OptimConfig, load_config
 from vitforge.errors import ConfigError
 from vitforge.models.backbones import classifier_names, layer_decay_ids
-from vitforge.models.build import build_model
+from vitforge.models.build import build_model, model_kwargs
 from vitforge.models.registry import create_model, is_model
 from vitforge.train.optim import param_groups
 from vitforge.train.trainer import train
@@ -139,3 +139,52 @@ def test_checkpoint_rebuilds_backbone_without_download(tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["model"][k]), k
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+# timm's own head dropout (drop_rate), a torchvision head with a Dropout in front of its Linear (its p is set), and
+# torchvision heads whose Linear becomes a DropoutLinear (top level and inside a Sequential).
+HEAD_DROPOUT = [("timm:test_vit", {"img_size": 32}, "head_drop"), ("timm:test_convnext", {}, "head.drop"),
+                ("tv:mobilenet_v3_small", {}, "classifier.2"), ("tv:shufflenet_v2_x0_5", {}, "fc.drop"),
+                ("tv:convnext_tiny", {}, "classifier.2.drop")]
+
+
+@pytest.mark.parametrize("name,kw,where", HEAD_DROPOUT, ids=[n for n, _, _ in HEAD_DROPOUT])
+def test_head_dropout_sits_before_the_classifier_and_adds_no_parameters(name, kw, where):
+    torch.manual_seed(0)
+    plain = build_model(name, {"num_classes": 3, **kw})
+    after_plain = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = build_model(name, {"num_classes": 3, "head_dropout": 0.4, **kw})
+    assert torch.equal(torch.random.get_rng_state(), after_plain)  # same random initialisation draws
+    drop = model.get_submodule(where)
+    assert isinstance(drop, torch.nn.Dropout) and drop.p == 0.4
+    assert model.state_dict().keys() == plain.state_dict().keys()  # pretrained weights and checkpoints still fit
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values(),
+                                                 strict=True))
+    seen = []  # (input, output) of the dropout; the input copied first (torchvision's MobileNet drops in place)
+    drop.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    drop.register_forward_hook(lambda m, args, out: seen.append((seen.pop(), out.clone())))
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    plain.eval()
+    assert torch.equal(model(x), plain(x))  # inactive in evaluation
+    assert torch.equal(*seen[-1])
+    model.train()
+    model(x)
+    features, dropped = seen[-1]
+    live, kept = features != 0, dropped != 0  # (features after a ReLU are often 0 already)
+    assert 0.3 < (live & ~kept).sum().item() / live.sum().item() < 0.5  # about 40% of the classifier's inputs zeroed
+    torch.testing.assert_close(dropped[kept], features[kept] / 0.6)  # the rest scaled by 1 / (1 - p)
+
+
+def test_head_dropout_is_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match=r"model.head_dropout: only for timm:<name> and tv:<name> backbones; "
+                                          r"vit_demo sets its dropout through model.args"):
+        model_kwargs(load_config(None, ["model.head_dropout=0.2"]), num_classes=2)
+    with pytest.raises(ConfigError, match="model.head_dropout: timm:test_vit was also given model.args.drop_rate"):
+        build_model("timm:test_vit", {"num_classes": 2, "head_dropout": 0.2, "drop_rate": 0.1})
+    with pytest.raises(ConfigError, match=r"model.head_dropout: must be in \[0, 1\)"):
+        load_config(None, ["model.head_dropout=1.0"])
+    cfg = load_config(None, ["model.name=tv:shufflenet_v2_x0_5", "model.head_dropout=0.2"])
+    assert model_kwargs(cfg, num_classes=2)["head_dropout"] == 0.2  # stored with the checkpoint's model arguments
+    assert "head_dropout" not in model_kwargs(load_config(None, ["model.name=tv:shufflenet_v2_x0_5"]), num_classes=2)

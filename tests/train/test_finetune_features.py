@@ -168,3 +168,14 @@ def test_class_weights_and_balanced_sampler_on_an_imbalanced_folder(tmp_path):
         for e in range(1, 8)])
     share = np.bincount(draws, minlength=3) / len(draws)
     np.testing.assert_allclose(share, [1 / 3] * 3, atol=0.08)  # 8 epochs x 33 draws: each class about a third
+
+
+def test_mixing_starts_with_phase_two(tmp_path, folder):
+    """data.mix.on_epoch as a fraction of the run (0.5 of 4 epochs = epoch 2 = after train.head_epochs)."""
+    t = Trainer(_cfg(tmp_path, folder, "train.epochs=4", "train.head_epochs=2", "data.mix.mixup_alpha=0.4",
+                     "data.mix.on_epoch=0.5", "run.name=mix"))
+    mixed = []
+    for epoch in range(4):
+        t.train_stream.set_epoch(epoch)
+        mixed.append(next(iter(t.train_stream))[1].ndim == 2)  # soft targets: the batch was mixed
+    assert mixed == [False, False, True, True]

@@ -1,12 +1,13 @@
 """Per-sample random augmentation policies applied to a whole batch on the training device.
 
-AutoAugment, RandAugment, TrivialAugmentWide and ColorJitter as torchvision.transforms.v2 defines them (same op set,
-magnitude bins, sign flips, application probabilities, nearest interpolation, zero fill), but every sample of a batch
-draws its own op(s), magnitude(s) and signs, and there is no per-sample Python loop: each op is computed for the
-whole batch and `torch.where` keeps it for the samples that drew it. Ops that share a form are computed once:
-the five geometric ops are one per-sample inverse affine matrix + one `grid_sample`; Brightness, Color and Contrast
-are one blend against a per-sample "degenerate" image. Equalize builds per-(sample, channel) histograms with
-`scatter_add_`. Nothing synchronises with the host, so the ops queue behind the training step on a GPU.
+AutoAugment, RandAugment, TrivialAugmentWide, ColorJitter (hue included), RandomRotation and RandomAffine as
+torchvision.transforms.v2 defines them (same op set, magnitude bins, sign flips, application probabilities, parameter
+ranges, interpolation and zero fill), but every sample of a batch draws its own op(s), magnitude(s) and signs, and
+there is no per-sample Python loop: each op is computed for the whole batch and `torch.where` keeps it for the
+samples that drew it. Ops that share a form are computed once: the five geometric ops are one per-sample inverse
+affine matrix + one `grid_sample`; Brightness, Color and Contrast are one blend against a per-sample "degenerate"
+image. Equalize builds per-(sample, channel) histograms with `scatter_add_`. Nothing synchronises with the host, so
+the ops queue behind the training step on a GPU.
 
 Values follow torchvision's kernels for uint8 (truncation after a blend, rounding after the sharpness blur and after
 warping) and for float images in [0, 1]. Randomness comes only from the explicit `torch.Generator`, so a batch's
@@ -23,15 +24,16 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert", "Hue")
 OP = {name: i for i, name in enumerate(OPS)}
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 BLENDS = ("Brightness", "Color", "Contrast")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 GROUPS = (GEOMETRIC, BLENDS, ("Sharpness",), ("Posterize",), ("Solarize",), ("AutoContrast",), ("Equalize",),
-          ("Invert",))  # ops computed together; Identity is in none
+          ("Invert",), ("Hue",))  # ops computed together; Identity is in none
 # Which of (angle, translate x, translate y, shear x, shear y, corner centre) each geometric op sets.
 GEOMETRIC_USES = {"Rotate": (0,), "TranslateX": (1,), "TranslateY": (2,), "ShearX": (3, 5), "ShearY": (4, 5)}
 _CONSTANTS: dict = {}
@@ -139,10 +141,21 @@ def equalize(x: torch.Tensor, integer: bool) -> torch.Tensor:
     return out if integer else out * (1.0 / 255)
 
 
-# ---- geometric ops: one inverse affine matrix per sample, nearest sampling, zero fill --------------------------------
-def inverse_affine(angle, translate_x, translate_y, shear_x, shear_y, center_x, center_y) -> torch.Tensor:
-    """Batched `torchvision...._get_inverse_affine_matrix` (scale 1): all args (B,) float64, angles in degrees,
-    centre relative to the image centre. Returns (B, 2, 3) float64 mapping output pixels to input pixels."""
+def hue(x: torch.Tensor, shift: torch.Tensor, integer: bool) -> torch.Tensor:
+    """Rotate every pixel's hue by `shift` (B,) turns (torchvision `adjust_hue`: RGB -> HSV, h + shift mod 1, back to
+    RGB, with torchvision's own colour-space conversions; integer images go through [0, 1] and back as
+    `to_dtype(scale=True)` does)."""
+    img = x * (1.0 / 255) if integer else x
+    h, s, v = _rgb_to_hsv(img).unbind(1)
+    h = (h + shift.float()[:, None, None]).remainder(1.0)
+    out = _hsv_to_rgb(torch.stack((h, s, v), dim=1))
+    return (out * (255 + 1.0 - 1e-3)).trunc() if integer else out
+
+
+# ---- geometric ops: one inverse affine matrix per sample, nearest or bilinear sampling, zero fill --------------------
+def inverse_affine(angle, translate_x, translate_y, shear_x, shear_y, center_x, center_y, scale=None) -> torch.Tensor:
+    """Batched `torchvision...._get_inverse_affine_matrix`: all args (B,) float64, angles in degrees, centre relative
+    to the image centre, scale None = 1. Returns (B, 2, 3) float64 mapping output pixels to input pixels."""
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
     tan_sx, cos_sy = torch.tan(sx), torch.cos(sy)
     a = torch.cos(rot - sy) / cos_sy
@@ -150,22 +163,42 @@ def inverse_affine(angle, translate_x, translate_y, shear_x, shear_y, center_x, 
     c = torch.sin(rot - sy) / cos_sy
     d = torch.cos(rot) - c * tan_sx
     m0, m1, m3, m4 = d, -b, -c, a
+    if scale is not None:
+        m0, m1, m3, m4 = m0 / scale, m1 / scale, m3 / scale, m4 / scale
     cxt, cyt = center_x + translate_x, center_y + translate_y
     m2 = center_x - m0 * cxt - m1 * cyt
     m5 = center_y - m3 * cxt - m4 * cyt
     return torch.stack([torch.stack([m0, m1, m2], -1), torch.stack([m3, m4, m5], -1)], dim=1)
 
 
-def warp_nearest(x: torch.Tensor, matrix: torch.Tensor, integer: bool) -> torch.Tensor:
-    """Resample each image at its matrix (B, 2, 3) (output -> input pixel offsets from the centre)."""
-    B, _, H, W = x.shape
-    base = _constant(f"grid{H}x{W}", x.device, lambda: _base_grid(H, W))  # (1, H·W, 3)
+def sampling_grid(matrix: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """grid_sample's (B, H, W, 2) grid for inverse matrices (B, 2, 3) (output -> input pixel offsets from the
+    centre), as torchvision's `_affine_grid`."""
+    base = _constant(f"grid{H}x{W}", matrix.device, lambda: _base_grid(H, W))  # (1, H·W, 3)
     theta = matrix.float().transpose(1, 2)  # (B, 3, 2)
     theta = torch.stack([theta[..., 0] / (0.5 * W), theta[..., 1] / (0.5 * H)], dim=-1)  # to grid_sample's [-1, 1]
     # (H·W, 3) x (3, 2) per sample, written out so that it never runs as a TF32 matmul (coordinates need fp32)
     grid = (base[..., 0:1] * theta[:, None, 0] + base[..., 1:2] * theta[:, None, 1]) + theta[:, None, 2]
-    grid = grid.reshape(B, H, W, 2)
+    return grid.reshape(matrix.shape[0], H, W, 2)
+
+
+def warp_nearest(x: torch.Tensor, matrix: torch.Tensor, integer: bool) -> torch.Tensor:
+    """Resample each image at its matrix (B, 2, 3) (output -> input pixel offsets from the centre); no fill value
+    (AutoAugment's ops: outside reads 0)."""
+    grid = sampling_grid(matrix, *x.shape[-2:])
     out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round() if integer else out
+
+
+def warp_filled(x: torch.Tensor, matrix: torch.Tensor, integer: bool, mode: str) -> torch.Tensor:
+    """Resample each image at its matrix with fill 0 (torchvision RandomRotation/RandomAffine): a ones channel is
+    sampled along, and pixels it marks as outside become 0 (nearest: mask < 0.5) or are weighted by it (bilinear, so
+    the border fades as torchvision's does)."""
+    ones = torch.ones_like(x[:, :1])
+    out = F.grid_sample(torch.cat([x, ones], dim=1), sampling_grid(matrix, *x.shape[-2:]), mode=mode,
+                        padding_mode="zeros", align_corners=False)
+    out, mask = out[:, :-1], out[:, -1:]
+    out = torch.where(mask < 0.5, 0.0, out) if mode == "nearest" else out * mask
     return out.round() if integer else out
 
 
@@ -240,6 +273,7 @@ def _group_fns(v, op, mag, bound, integer) -> list[Callable[[], torch.Tensor]]:
         lambda: autocontrast(v, bound, integer),
         lambda: equalize(v, integer),
         lambda: bound - v,
+        lambda: hue(v, mag, integer),
     ]
 
 
@@ -376,28 +410,89 @@ class TrivialAugmentWide(BatchPolicy):
 
 
 class ColorJitter(BatchPolicy):
-    """torchvision ColorJitter(brightness, contrast, saturation) per sample: factors uniform in
-    [max(0, 1 − s), 1 + s], the three adjustments in a random order per sample."""
+    """torchvision ColorJitter(brightness, contrast, saturation, hue) per sample: factors uniform in
+    [max(0, 1 − s), 1 + s], the hue shift uniform in [−hue, hue], the adjustments in a random order per sample."""
 
-    ops = ("Identity", "Brightness", "Contrast", "Color")
-
-    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
+                 hue: float = 0.0) -> None:
         super().__init__()
         self.strength = (brightness, contrast, saturation)
+        self.hue = hue
+        self.ops = ("Identity", "Brightness", "Contrast", "Color") + (("Hue",) if hue > 0 else ())
 
     def stages(self, B, H, W, gen, device):
-        u = torch.rand(B, 3, generator=gen, device=device, dtype=torch.float64)
+        n = 4 if self.hue > 0 else 3  # without hue, three draws per sample (the same stream as before hue existed)
+        u = torch.rand(B, n, generator=gen, device=device, dtype=torch.float64)
         lo = [max(0.0, 1.0 - s) for s in self.strength]
-        factor = torch.stack([lo[j] + (1.0 + s - lo[j]) * u[:, j] for j, s in enumerate(self.strength)], dim=1)
-        # factor (B, 3): brightness, contrast, saturation
-        order = torch.rand(B, 3, generator=gen, device=device).argsort(dim=1)  # a random permutation per sample
-        kinds = [OP["Brightness"], OP["Contrast"], OP["Color"]]
+        # mag (B, n) in apply_ops' units: factor − 1 for brightness, contrast, saturation; the shift for hue
+        mag = torch.stack([lo[j] + (1.0 + s - lo[j]) * u[:, j] - 1.0 for j, s in enumerate(self.strength)]
+                          + ([self.hue * (2.0 * u[:, 3] - 1.0)] if n == 4 else []), dim=1)
+        order = torch.rand(B, n, generator=gen, device=device).argsort(dim=1)  # a random permutation per sample
+        kinds = [OP["Brightness"], OP["Contrast"], OP["Color"], OP["Hue"]]
+        on = [s > 0 for s in self.strength] + [self.hue > 0]
         out = []
-        for slot in range(3):
+        for slot in range(n):
             which = order[:, slot]
-            op = sum(torch.where(which == j, kinds[j] if self.strength[j] > 0 else 0, 0) for j in range(3))
-            out.append((op, factor.gather(1, which[:, None])[:, 0] - 1.0))
+            op = sum(torch.where(which == j, kinds[j] if on[j] else 0, 0) for j in range(n))
+            out.append((op, mag.gather(1, which[:, None])[:, 0]))
         return out
+
+
+class RandomRotation(BatchPolicy):
+    """torchvision RandomRotation(degrees, interpolation, fill=0) per sample: an angle uniform in [−degrees, degrees]
+    (counter-clockwise), about the image centre, same output size."""
+
+    def __init__(self, degrees: float, interpolation: str = "nearest") -> None:
+        super().__init__()
+        self.degrees, self.mode = degrees, interpolation
+
+    def angles(self, B: int, gen, device) -> torch.Tensor:
+        return self.degrees * (2.0 * torch.rand(B, generator=gen, device=device, dtype=torch.float64) - 1.0)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.apply(x, self.angles(x.shape[0], gen, x.device))
+
+    def apply(self, x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        """Rotate sample i by angle[i] degrees ((B,) float64): torchvision's `rotate` on each image."""
+        zero = torch.zeros_like(angle)
+        # torchvision rotates by angle mod 360 through the affine matrix of −angle
+        matrix = inverse_affine(-torch.remainder(angle, 360.0), zero, zero, zero, zero, zero, zero)
+        return _warp(x, matrix, self.mode)
+
+
+class RandomAffine(BatchPolicy):
+    """torchvision RandomAffine(degrees=0, translate, scale, shear, interpolation, fill=0) per sample: a shift of
+    round(U(−t·W, t·W)) by round(U(−t·H, t·H)) pixels, a zoom uniform in `scale`, an x-shear uniform in
+    [−shear, shear] degrees, about the image centre."""
+
+    def __init__(self, translate: float = 0.0, scale: tuple[float, float] = (1.0, 1.0), shear: float = 0.0,
+                 interpolation: str = "nearest") -> None:
+        super().__init__()
+        self.translate, self.scale, self.shear, self.mode = translate, tuple(scale), shear, interpolation
+
+    def params(self, B: int, H: int, W: int, gen, device) -> dict[str, torch.Tensor]:
+        """(B,) float64 each: translate_x, translate_y (whole pixels), scale, shear_x (degrees)."""
+        u = torch.rand(B, 4, generator=gen, device=device, dtype=torch.float64)
+        lo, hi = self.scale
+        return {"translate_x": (self.translate * W * (2 * u[:, 0] - 1)).round(),
+                "translate_y": (self.translate * H * (2 * u[:, 1] - 1)).round(),
+                "scale": lo + (hi - lo) * u[:, 2], "shear_x": self.shear * (2 * u[:, 3] - 1)}
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.apply(x, **self.params(x.shape[0], *x.shape[-2:], gen, x.device))
+
+    def apply(self, x: torch.Tensor, translate_x, translate_y, scale, shear_x) -> torch.Tensor:
+        """Sample i through torchvision's `affine(angle=0, translate, scale, shear=(shear_x, 0))`."""
+        zero = torch.zeros_like(scale)
+        matrix = inverse_affine(zero, translate_x, translate_y, shear_x, zero, zero, zero, scale=scale)
+        return _warp(x, matrix, self.mode)
+
+
+def _warp(x: torch.Tensor, matrix: torch.Tensor, mode: str) -> torch.Tensor:
+    """`warp_filled` on a uint8 or [0, 1] float batch, same dtype back."""
+    integer = not x.is_floating_point()
+    out = warp_filled(x.float() if integer else x, matrix, integer, mode)
+    return out.to(x.dtype) if integer else out
 
 
 class Compose(BatchPolicy):
@@ -422,24 +517,3 @@ def compile_policy(policy: BatchPolicy, **kwargs) -> BatchPolicy:
     for p in getattr(policy, "policies", [policy]):
         p.apply_fn = fn
     return policy
-
-
-def build_device_policy(aug) -> BatchPolicy | None:
-    """The device version of `vitforge.data.transforms.policy_ops(aug)` (same policies, same order), or None.
-
-    Args:
-        aug: a `vitforge.config.AugConfig` (auto_augment, trivial_augment, rand_augment, color_jitter).
-    """
-    policies: list[BatchPolicy] = []
-    if aug.auto_augment:
-        policies.append(AutoAugment(aug.auto_augment))
-    if aug.trivial_augment:
-        policies.append(TrivialAugmentWide())
-    if aug.rand_augment:
-        n, m = aug.rand_augment[1:].split("m")
-        policies.append(RandAugment(num_ops=int(n), magnitude=int(m)))
-    if aug.color_jitter > 0:
-        policies.append(ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
-    if not policies:
-        return None
-    return policies[0] if len(policies) == 1 else Compose(policies)

@@ -2,9 +2,10 @@
 
     build_train_stream / build_eval_stream -> iterables of normalised float batches on the device
 
-Two paths: small images decoded once and augmented in batches on the device (`vitforge.data.decoded`,
-`vitforge.data.augment`, `vitforge.data.gpu_policies`), or DataLoader workers running torchvision transforms v2
-per sample (`vitforge.data.transforms`, `vitforge.data.loader`).
+Two paths: small images decoded once and augmented in batches on the device (`vitforge.data.decoded`, the device
+ops of `vitforge.data.augmentations`), or DataLoader workers running torchvision transforms v2 per sample
+(`vitforge.data.transforms`, `vitforge.data.loader`). Which augmentations run, and in which order, is read from the
+declarations in `vitforge.data.augmentations`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 from vitforge.config import AugConfig, DataConfig, MixConfig
 from vitforge.data import augment as A
+from vitforge.data.augmentations import Frame, compose_policies, device_ops, has_policies, normalised_ops
 from vitforge.data.dataset import FeatureSource, Split, readable_items
 from vitforge.data.decoded import decode_split, use_device_cache
-from vitforge.data.gpu_policies import build_device_policy
 from vitforge.data.loader import DeviceLoader, SampleDataset, WorkerLoader
 from vitforge.data.preprocess import Preprocess
 from vitforge.data.sources import Source
-from vitforge.data.transforms import eval_transform, has_policies, train_transform
+from vitforge.data.transforms import eval_transform, train_transform
+from vitforge.errors import ConfigError
 
 log = logging.getLogger("vitforge.data")
 
@@ -33,17 +35,25 @@ class TrainStream:
     """Training batches on the device: (x normalised float (B, 3, S, S), target, idx).
 
     `target` is class indices, or soft targets when the batch was mixed (Mixup/CutMix with label smoothing).
-    Device path: crop + flip + per-sample policies (AutoAugment, ...; `gpu_policies`) happen here on uint8;
-    worker path: they already happened per sample.
+    Device path: the pixel augmentations (`augmentations.device_ops`: crop, flip, ..., then the per-sample policies
+    composed as `policy`) happen here on uint8; worker path: they already happened per sample. Both paths: the
+    normalised-batch ops (random erasing), then mixing in the epochs `MixConfig.active` selects (of `epochs`).
     """
 
     def __init__(self, loader, pre: Preprocess, *, aug: AugConfig, mix: MixConfig, num_classes: int, seed: int,
-                 device: torch.device, on_device_aug: bool, skipped: list[str]):
+                 device: torch.device, on_device_aug: bool, skipped: list[str], epochs: int | None = None):
         self.loader, self.pre, self.aug, self.mix = loader, pre, aug, mix
         self.skipped = skipped  # items left out before training because they could not be decoded
-        self.num_classes, self.seed, self.device = num_classes, seed, device
+        self.num_classes, self.seed, self.device, self.epochs = num_classes, seed, device, epochs
         self.on_device_aug = on_device_aug
-        self.policy = build_device_policy(aug) if on_device_aug else None
+        frame = Frame(small=True, size=pre.img_size, interpolation=pre.interpolation)  # device ops read the size
+        pixel_ops = device_ops(aug, frame) if on_device_aug else []
+        self.ops = [op for a, op in pixel_ops if not a.policy]  # pre-resize, crop, flip: declared before the policies
+        self.policy = compose_policies(pixel_ops)  # the per-sample policies, in order; None if none
+        self.after_normalise = normalised_ops(aug, frame)
+        if mix.enabled and epochs is None and (0 < mix.on_epoch < 1 or 0 < (mix.off_epoch or 0) < 1):
+            raise ConfigError("data.mix.on_epoch/off_epoch: a fraction of the run needs its number of epochs "
+                              "(StreamOptions.epochs)")
         self.mean = torch.tensor(pre.mean, device=device)
         self.std = torch.tensor(pre.std, device=device)
         self.epoch, self.start_batch, self.smoothing = 0, 0, 0.0
@@ -61,7 +71,8 @@ class TrainStream:
         return sorted(set(self.skipped) | self.loader.bad)
 
     def mixing(self) -> bool:
-        return self.mix.enabled and (self.mix.off_epoch is None or self.epoch < self.mix.off_epoch)
+        """Whether this epoch's batches are mixed (`MixConfig.active`: enabled, on_epoch <= epoch < off_epoch)."""
+        return self.mix.active(self.epoch, self.epochs or 0)
 
     def __iter__(self):
         for b, (x, y, idx) in enumerate(self.loader, start=self.start_batch):
@@ -69,14 +80,13 @@ class TrainStream:
             if self.pre.kind == "features":
                 yield (*self._mix(x, y, b), idx)
                 continue
-            if self.on_device_aug:
-                x = A.batch_crop(x, self.aug.crop_padding, gen)
-                if self.aug.hflip:
-                    x = A.batch_flip(x, gen)
-                if self.policy is not None:
-                    x = self.policy(x, gen)
+            for op in self.ops:
+                x = op(x, gen)
+            if self.policy is not None:
+                x = self.policy(x, gen)
             x = A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size)
-            x = A.batch_erase(x, self.aug.random_erasing, gen)
+            for op in self.after_normalise:
+                x = op(x, gen)
             yield (*self._mix(x, y, b), idx)
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +133,7 @@ class StreamOptions:
     num_workers: int = 2
     device_cache: str = "auto"
     cache_dir: Path | None = None
+    epochs: int | None = None  # the run's train.epochs (resolves a mixing window given as fractions of the run)
 
 
 def build_eval_stream(split: Split, pre: Preprocess, opt: StreamOptions) -> EvalStream:
@@ -189,7 +200,7 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
         if not policies_on_cpu:
             loader = DeviceLoader(c.images, c.labels, opt.batch_size, **common)
             return TrainStream(loader, pre, aug=aug, mix=cfg.mix, num_classes=num_classes, seed=opt.seed,
-                               device=opt.device, on_device_aug=True, skipped=c.bad)
+                               device=opt.device, on_device_aug=True, skipped=c.bad, epochs=opt.epochs)
         images, labels = c.images, c.labels.numpy()
         native = int(images.shape[-1])
         ds = SampleDataset(TensorRows(images), labels, train_transform(pre.img_size, aug, small=True,
@@ -206,7 +217,7 @@ def build_train_stream(split: Split, pre: Preprocess, cfg: DataConfig, opt: Stre
         common["weights"] = balanced_weights(ds.labels) if balanced else None
     loader = WorkerLoader(ds, opt.batch_size, num_workers=opt.num_workers, device=opt.device, **common)
     return TrainStream(loader, pre, aug=aug, mix=cfg.mix, num_classes=num_classes, seed=opt.seed,
-                       device=opt.device, on_device_aug=False, skipped=bad)
+                       device=opt.device, on_device_aug=False, skipped=bad, epochs=opt.epochs)
 
 
 def policies_on_device(aug: AugConfig, device: torch.device) -> bool:

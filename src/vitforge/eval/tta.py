@@ -23,6 +23,7 @@ Every set starts with the identity view, so one pass gives the accuracy both wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from vitforge.config import AugConfig
+from vitforge.data.augmentations import Frame, invariances
+from vitforge.data.decoded import SMALL_IMAGE
 from vitforge.errors import ConfigError, VitforgeError
 from vitforge.runtime import gather_cat
 
@@ -190,14 +194,18 @@ def keep_views(views: list[View], *, mirror: bool = True, shift: bool = True) ->
 
 
 def trained_invariances(meta: dict) -> dict[str, bool]:
-    """What a checkpoint's training augmentation taught it to ignore: {"mirror", "shift"} for `tta_views`.
+    """What a checkpoint's training augmentation taught it to ignore: {"mirror", "shift"} for `tta_views`, as the
+    augmentations declare it (`vitforge.data.augmentations.invariances`).
 
-    mirror: `data.aug.hflip` was on. shift: random crops were on (`data.aug.crop_padding` > 0 for images of at most
-    64 px; larger images are trained with random resized crops). A checkpoint without a config keeps every view.
+    mirror: `data.aug.hflip` was on. shift: a random crop was on (`data.aug.crop_padding` > 0 for images of at most
+    64 px; larger images are trained with random resized crops) or an affine translation. A checkpoint without a
+    config keeps every view; options a checkpoint predates take their defaults.
     """
-    aug = (((meta.get("config") or {}).get("data") or {}).get("aug")) or {}
-    small = int((meta.get("preprocess") or {}).get("img_size") or 0) <= 64
-    return {"mirror": aug.get("hflip") is not False, "shift": not (small and aug.get("crop_padding") == 0)}
+    stored = (((meta.get("config") or {}).get("data") or {}).get("aug")) or {}
+    names = {f.name for f in dataclasses.fields(AugConfig)}
+    aug = AugConfig(**{k: v for k, v in stored.items() if k in names})
+    small = int((meta.get("preprocess") or {}).get("img_size") or 0) <= SMALL_IMAGE
+    return invariances(aug, Frame(small=small))
 
 
 def _named_views(name: str, mean: torch.Tensor | None, std: torch.Tensor | None) -> list[View]:

