@@ -7,7 +7,7 @@ import torch
 
 import vitforge
 from vitforge.models.mambavision import MambaVision
-from vitforge.registry import create_model
+from vitforge.models.registry import create_model
 
 ALIASES = [("create_mambavision_tiny", "mambavision_t", 31_794_248),
            ("create_mambavision_small", "mambavision_s", 50_140_584),

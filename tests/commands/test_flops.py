@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vitforge.cli import main
-from vitforge.inspect import model_info
+from vitforge.commands.cli import main
+from vitforge.commands.inspect import model_info
 
 
 def vit_macs_by_hand(*, img: int, patch: int, dim: int, depth: int, mlp_ratio: float, classes: int,
