@@ -360,8 +360,13 @@ class EmaConfig:
     """If set, the decay ramps linearly per epoch from `decay` to this value (deit_kd recipe: 0.995 -> 0.9995)."""
     every: int = 1
     """Update every this many optimizer steps."""
-    warmup: bool = True
-    """Use min(decay, (1 + n)/(10 + n)) for the n-th update so short runs are not dominated by the initial weights."""
+    warmup: str = "tf"
+    """Decay warm-up, so that a short run's average is not the initial weights: tf = min(decay, (1+n)/(10+n)) for the
+    n-th update (TensorFlow), power = min(decay, 1 - (1 + n/warmup_gamma)^-warmup_power) (timm ModelEmaV3), off."""
+    warmup_power: float = 0.75
+    """Exponent of the `power` warm-up (timm: 2/3 for runs of a million steps or more, 3/4 for shorter ones)."""
+    warmup_gamma: float = 1.0
+    """Step scale of the `power` warm-up."""
     eval: bool = True
     """Validate (and choose best.pt) with the EMA weights."""
 
@@ -370,6 +375,10 @@ class EmaConfig:
         if self.decay_end is not None:
             _check("ema.decay_end", 0 <= self.decay_end < 1, "must be in [0, 1)")
         _check("ema.every", self.every >= 1, "must be >= 1")
+        self.warmup = _yaml_bool(self.warmup, "off", "tf")  # true/false of earlier versions and YAML on/off
+        _choice("ema.warmup", self.warmup, ("tf", "power", "off"))
+        _check("ema.warmup_power", self.warmup_power > 0, "must be > 0")
+        _check("ema.warmup_gamma", self.warmup_gamma > 0, "must be > 0")
 
 
 @dataclass

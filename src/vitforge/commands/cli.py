@@ -270,6 +270,8 @@ def _run_info(a: argparse.Namespace) -> int:
         return 0
     print(f"{info['name']}: {info['params']:,} parameters ({info['trainable_params']:,} trainable), "
           f"input {tuple(info['input_shape'])}")
+    print(f"  {info['macs'] / 1e9:.3f} GMACs = {info['flops'] / 1e9:.3f} GFLOPs per image (matmuls and convolutions; "
+          f"papers' 'FLOPs' usually mean MACs)")
     for s in info["stages"]:
         print(f"  {s['name']:24s} {str(tuple(s['output_shape'])):24s} {s['params']:>12,}")
     return 0
@@ -316,7 +318,7 @@ VERBS: dict[str, Verb] = {
     "pseudo-label": Verb("label unlabeled images where the fold/model ensemble is confident and unanimous",
                          _pseudo_args, _run_pseudo),
     "models": Verb("list registered models with parameter counts", _models_args, _run_models),
-    "info": Verb("parameters and per-stage output shapes of a model", _info_args, _run_info),
+    "info": Verb("parameters, per-stage output shapes and FLOPs/MACs per image of a model", _info_args, _run_info),
     "verify-attention": Verb("check attention shapes and softmax rows of a model", _verify_args, _run_verify),
 }
 

@@ -1,4 +1,4 @@
-"""Model inspection for `vitforge models` and `vitforge info`: parameter counts and per-stage output shapes."""
+"""Model inspection for `vitforge models` and `vitforge info`: parameter counts, per-stage output shapes and FLOPs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import ast
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitforge.errors import ConfigError
 from vitforge.models.build import count_params, model_input_cfg
@@ -74,9 +75,34 @@ def model_info(name: str, overrides: list[str] | None = None) -> dict:
                 stages.append({"name": sname, "output_shape": shape,
                                "params": sum(p.numel() for p in mod.parameters())})
         hooks.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
+    counter = flop_counter()
+    with torch.no_grad(), counter:
         out = model(torch.zeros(input_shape))
     for h in hooks:
         h.remove()
+    flops = int(counter.get_total_flops())
+    by_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return {"name": name, "params": total, "trainable_params": trainable, "input_shape": input_shape,
-            "output_shape": _shape(out), "stages": stages, "kwargs": kwargs}
+            "output_shape": _shape(out), "stages": stages, "kwargs": kwargs, "flops": flops, "macs": flops // 2,
+            "flops_by_op": by_op}
+
+
+def flop_counter() -> FlopCounterMode:
+    """`torch.utils.flop_counter.FlopCounterMode` that also counts PyTorch's CPU fused attention.
+
+    The counter's table covers matmuls, convolutions and the CUDA attention kernels (2 FLOPs per multiply-add), but
+    not `_scaled_dot_product_flash_attention_for_cpu`, which `F.scaled_dot_product_attention` runs on a CPU; without
+    it the Q·K^T and A·V products of every attention layer would be missing. Elementwise work (softmax, LayerNorm,
+    BatchNorm, GELU, bias and residual additions) is not counted, by design of the counter.
+    """
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of softmax(Q·K^T)·V for Q (..., N, d), K (..., M, d), V (..., M, dv): two batched matmuls."""
+    batch = 1
+    for n in q_shape[:-2]:
+        batch *= n
+    n, d, m, dv = q_shape[-2], q_shape[-1], k_shape[-2], v_shape[-1]
+    return 2 * batch * n * m * (d + dv)

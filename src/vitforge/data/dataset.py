@@ -17,7 +17,14 @@ import torch
 from vitforge.config import DataConfig
 from vitforge.data.hyperspectral import load_hyperspectral
 from vitforge.data.images import image_size
-from vitforge.data.sources import FileListSource, Source, check_same_classes, default_cache_dir, open_source
+from vitforge.data.sources import (
+    FileListSource,
+    Source,
+    SyntheticSource,
+    check_same_classes,
+    default_cache_dir,
+    open_source,
+)
 from vitforge.data.split import stratified_folds, stratified_split, stratified_subset
 from vitforge.errors import DataError
 
@@ -72,6 +79,19 @@ class FeatureSource(Source):
         raise DataError(f"{self.origin}: items are feature tensors, not images")
 
 
+def model_inputs(source: Source) -> Source:
+    """`source`, or a `FeatureSource` of its tensors when its items are not RGB images (synthetic with C != 3)."""
+    if isinstance(source, SyntheticSource) and source.channels != 3:
+        return FeatureSource(torch.from_numpy(source.features()), source.labels, source.classes, source.ids,
+                             source.origin)
+    return source
+
+
+def open_inputs(spec: str, **kwargs) -> Source:
+    """`open_source` followed by `model_inputs`."""
+    return model_inputs(open_source(spec, **kwargs))
+
+
 HSI_SUFFIXES = (".mat", ".npy")
 
 
@@ -103,7 +123,7 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
         if cfg.limit:
             tr_idx = stratified_subset(tr_idx, src.labels, cfg.limit, cfg.split_seed)
         return OpenedData(src.classes, Split(src, tr_idx, src.labels), Split(src, te_idx, src.labels))
-    train = open_source(cfg.train, download=cfg.download, cache_dir=cache_dir)
+    train = open_inputs(cfg.train, download=cfg.download, cache_dir=cache_dir)
     if len(train) == 0:
         raise DataError(f"{cfg.train}: no images")
     if not train.labeled:
@@ -111,11 +131,11 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
                         f"column named label, class, target or class_name)")
     own = len(train)  # items of data.train itself (folds never hold data.extra items)
     if cfg.extra:
-        extra = open_source(cfg.extra, cache_dir=cache_dir)
+        extra = open_inputs(cfg.extra, cache_dir=cache_dir)
         train = ConcatSource([train, extra], [train.labels, check_same_classes(train.classes, extra, "data.extra")])
     labels = train.labels
     if cfg.val:
-        val_src = open_source(cfg.val, download=cfg.download, cache_dir=cache_dir)
+        val_src = open_inputs(cfg.val, download=cfg.download, cache_dir=cache_dir)
         val = Split(val_src, np.arange(len(val_src)), check_same_classes(train.classes, val_src, "data.val"))
         tr_idx = np.arange(len(train))
     elif cfg.folds:

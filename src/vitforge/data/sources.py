@@ -9,6 +9,7 @@
 | `dir/` with images only | unlabeled folder (for predict) |
 | `digits` | scikit-learn's bundled 8x8 digits (1,797 images) |
 | `cifar10`, `cifar100` (`:test`) | torchvision's CIFAR download into the cache (only with `data.download=true`) |
+| `synthetic:N[,classes=K][,size=S][,channels=C][,seed=X]` | N generated images with class-dependent patterns |
 
 Every source exposes `classes`, `labels` (int64, -1 = unlabeled), `ids` (a name per item for logs and CSVs),
 `load(i)` (an RGB PIL image) and, when the data is already decoded, `array()` (N, H, W, 3) uint8.
@@ -30,7 +31,7 @@ from vitforge.data.images import ImageError, is_image_file, open_image
 from vitforge.errors import DataError, first_line
 
 CIFAR_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-NAMED_SOURCES = ("digits", *CIFAR_NAMES)  # data specs that are names, not paths
+NAMED_SOURCES = ("digits", *CIFAR_NAMES, "synthetic")  # data specs that are names, not paths
 
 
 class Source:
@@ -271,6 +272,109 @@ def named_cifar(name: str, split: str, *, download: bool, cache_dir: Path) -> Ar
     return ArraySource(np.ascontiguousarray(ds.data), ds.targets, list(ds.classes), f"{name}:{split}")
 
 
+SYNTHETIC_OPTIONS = {"classes": 10, "size": 32, "channels": 3, "seed": 0}
+SYNTHETIC_LIMITS = {"classes": 2, "size": 4, "channels": 1, "seed": 0}  # smallest accepted value of each option
+SYNTHETIC_FORM = "synthetic:N[,classes=K][,size=S][,channels=C][,seed=X], e.g. synthetic:1000,classes=10,size=32"
+SYNTHETIC_MAX_BYTES = 2**30  # larger sets are generated item by item instead of held in memory
+
+
+def parse_synthetic(spec: str) -> dict:
+    """`synthetic:N[,key=value...]` -> {"n", "classes", "size", "channels", "seed"}; a bad part is a DataError."""
+    head, *parts = spec.split(",")
+    n = head.partition(":")[2]
+    if not n.isdigit() or int(n) < 2:
+        raise DataError(f"{spec}: the number of images must be a whole number >= 2 ({SYNTHETIC_FORM})")
+    opts = dict(SYNTHETIC_OPTIONS, n=int(n))
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if key not in SYNTHETIC_OPTIONS or not eq:
+            raise DataError(f"{spec}: unknown option {part!r}; options are {', '.join(SYNTHETIC_OPTIONS)} "
+                            f"({SYNTHETIC_FORM})")
+        if not value.strip().isdigit() or int(value) < SYNTHETIC_LIMITS[key]:
+            raise DataError(f"{spec}: {key} must be a whole number >= {SYNTHETIC_LIMITS[key]}, got {value!r}")
+        opts[key] = int(value)
+    if opts["n"] < opts["classes"]:
+        raise DataError(f"{spec}: {opts['n']} images cannot cover {opts['classes']} classes")
+    return opts
+
+
+class SyntheticSource(Source):
+    """Generated images whose class is visible: learnable, and the same for the same options on every machine.
+
+    Class k has a sinusoidal grating of its own orientation (k·180°/K, jittered), spatial frequency (1.5-4 cycles
+    per image) and per-channel contrast, over a faint per-channel tint of its own; every image draws a random phase,
+    an amplitude in [0.5, 1], a brightness offset and Gaussian pixel noise (sigma 0.35 of the grating's range) from a
+    generator seeded by (seed, index). The tint alone is a weak, linear cue (brightness offsets blur it); the
+    grating needs oriented filters. Labels are balanced (N mod K spread evenly) and shuffled by the seed. With 3
+    channels the items are RGB uint8 images (the normal image pipeline); with any other channel count they are
+    float tensors (C, S, S) fed to the model as they are (`model.args.in_chans=C`).
+
+    Args:
+        n: number of images.
+        classes, size, channels, seed: see `SYNTHETIC_OPTIONS`.
+        origin: the spec it was opened from.
+    """
+
+    def __init__(self, n: int, *, classes: int = 10, size: int = 32, channels: int = 3, seed: int = 0,
+                 origin: str = ""):
+        self.n, self.num_classes, self.size, self.channels, self.seed = n, classes, size, channels, seed
+        self.origin = origin or f"synthetic:{n},classes={classes},size={size},channels={channels},seed={seed}"
+        self.classes = [f"class{k}" for k in range(classes)]
+        self.ids = [f"synthetic_{i:07d}" for i in range(n)]
+        self.labels = np.random.default_rng([seed, n, classes, 1]).permutation(np.arange(n) % classes)
+        rng = np.random.default_rng([seed, classes, channels, 2])
+        self._theta = np.pi * (np.arange(classes) + rng.uniform(-0.25, 0.25, classes)) / classes
+        self._freq = rng.uniform(1.5, 4.0, classes)
+        self._contrast = rng.choice([-1.0, 1.0], (classes, channels)) * rng.uniform(0.4, 1.0, (classes, channels))
+        self._tint = rng.uniform(-0.25, 0.25, (classes, channels))
+        yy, xx = np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+        self._grid = (xx, yy)
+        self._all: np.ndarray | None = None
+
+    def _pattern(self, i: int) -> np.ndarray:
+        """Item i as float32 (S, S, C), roughly in [-1, 1]."""
+        k = int(self.labels[i])
+        rng = np.random.default_rng([self.seed, i, 3])
+        phase, amp, offset = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.0), rng.uniform(-0.15, 0.15)
+        xx, yy = self._grid
+        u = xx * np.cos(self._theta[k]) + yy * np.sin(self._theta[k])
+        wave = np.sin(2 * np.pi * self._freq[k] * u + phase)
+        x = 0.7 * amp * wave[..., None] * self._contrast[k] + self._tint[k] + offset
+        x = x + rng.normal(0.0, 0.35, x.shape)
+        return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+    def _image(self, i: int) -> np.ndarray:
+        return np.rint((self._pattern(i) + 1.0) * 127.5).astype(np.uint8)
+
+    def features(self) -> np.ndarray:
+        """Every item as float32 (N, C, S, S) (the channels != 3 form)."""
+        return np.stack([self._pattern(i).transpose(2, 0, 1) for i in range(self.n)])
+
+    def load(self, i: int) -> Image.Image:
+        if self.channels != 3:
+            raise DataError(f"{self.origin}: {self.channels}-channel items are tensors, not RGB images")
+        arr = self._all[i] if self._all is not None else self._image(i)
+        return Image.fromarray(arr)
+
+    def array(self) -> np.ndarray | None:
+        """All images (N, S, S, 3) uint8, generated on first use; None when larger than `SYNTHETIC_MAX_BYTES`."""
+        if self.channels != 3 or self.n * self.size * self.size * 3 > SYNTHETIC_MAX_BYTES:
+            return None
+        if self._all is None:
+            self._all = np.stack([self._image(i) for i in range(self.n)])
+        return self._all
+
+    def fingerprint(self) -> str:
+        return f"{type(self).__name__}|{self.origin}|{len(self)}"
+
+
+def open_synthetic(spec: str) -> SyntheticSource:
+    o = parse_synthetic(spec)
+    return SyntheticSource(o["n"], classes=o["classes"], size=o["size"], channels=o["channels"], seed=o["seed"],
+                           origin=spec)
+
+
 def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = None, labeled: bool = True) -> Source:
     """Open a dataset given as a path or a name (see the module table).
 
@@ -284,6 +388,8 @@ def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = N
         DataError: missing path, unknown format, empty class folder, unreadable file (message names it).
     """
     cache_dir = cache_dir or default_cache_dir()
+    if spec.split(":")[0] == "synthetic" and not os.path.exists(spec):
+        return open_synthetic(spec)
     base, _, given = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
     if given and given not in SPLITS:
         raise DataError(f"{spec}: unknown split {given!r}; CIFAR batches and names take :{' or :'.join(SPLITS)}")
@@ -357,5 +463,5 @@ def check_same_classes(classes: list[str], other: Source, what: str) -> np.ndarr
     return remap[other.labels]
 
 
-__all__ = ["ImageError", "Source", "ArraySource", "FileListSource", "ParquetSource", "open_source",
-           "check_same_classes", "default_cache_dir"]
+__all__ = ["ImageError", "Source", "ArraySource", "FileListSource", "ParquetSource", "SyntheticSource",
+           "open_source", "check_same_classes", "default_cache_dir"]

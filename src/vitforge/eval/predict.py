@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from vitforge.config import from_dict
-from vitforge.data.dataset import Split, is_hyperspectral, open_hsi
+from vitforge.data.dataset import Split, is_hyperspectral, open_hsi, open_inputs
 from vitforge.data.preprocess import Preprocess
-from vitforge.data.sources import check_same_classes, open_source
+from vitforge.data.sources import check_same_classes
 from vitforge.data.streams import StreamOptions, build_eval_stream
 from vitforge.errors import DataError
 from vitforge.runtime import amp_dtype, autocast
@@ -34,7 +34,7 @@ def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, de
     """
     if is_hyperspectral(data):
         return _hsi_stream(meta, data, batch_size=batch_size, device=device)
-    src = open_source(data, labeled=labeled)
+    src = open_inputs(data, labeled=labeled)
     if len(src) == 0:
         raise DataError(f"{data}: no images")
     classes = meta["classes"]

@@ -484,3 +484,42 @@ def mambavision_cifar(**kwargs) -> MambaVision:
     windows = (8, 8, max(1, side // 4), max(1, side // 8))  # stage-3/4 sides with a stride-1 stem
     return _mambavision(dict(dim=32, in_dim=16, depths=(1, 2, 4, 2), num_heads=(1, 2, 4, 8), window_size=windows,
                              stem_strides=(1, 1), img_size=32, num_classes=10, drop_path_rate=0.1), kwargs)
+
+
+# ---- entry points under the names of community MambaVision code -----------------------------------------------------
+# Community re-implementations (`from mambavision_complete import create_mambavision_tiny`) describe an isotropic
+# ViT-like stack (one resolution, constant width D 192/384/768, depth 6/8/12, static SSM matrices, Mamba and
+# attention layers alternating) of about 3.2M/22M/86M parameters. That is not MambaVision: the official network
+# (NVlabs/MambaVision `mambavision/models/mamba_vision.py`, arXiv 2407.08083 Table 1) is hierarchical (a conv stem,
+# conv stages at 1/4 and 1/8 resolution, hybrid stages at 1/16 and 1/32 whose first half uses the selective-scan
+# mixer with input-dependent B, C and dt and whose second half uses self-attention) and its T/S/B sizes are 31.8M,
+# 50.1M and 97.7M parameters. These functions keep the familiar names and return the official variants of the same
+# rank, so code written against those names gets the real architecture (and released checkpoints load).
+def create_mambavision_tiny(num_classes: int = 1000, **kwargs) -> MambaVision:
+    """Official MambaVision-T (`mambavision_t`: 31,794,248 params at 1000 classes, 4.4 GFLOPs at 224 px).
+
+    Args:
+        num_classes: classifier outputs.
+        **kwargs: any `MambaVision` argument (img_size, drop_path_rate, in_chans, ...).
+    """
+    return mambavision_t(num_classes=num_classes, **kwargs)
+
+
+def create_mambavision_small(num_classes: int = 1000, **kwargs) -> MambaVision:
+    """Official MambaVision-S (`mambavision_s`: 50,140,584 params at 1000 classes, 7.5 GFLOPs at 224 px).
+
+    Args:
+        num_classes: classifier outputs.
+        **kwargs: any `MambaVision` argument (img_size, drop_path_rate, in_chans, ...).
+    """
+    return mambavision_s(num_classes=num_classes, **kwargs)
+
+
+def create_mambavision_base(num_classes: int = 1000, **kwargs) -> MambaVision:
+    """Official MambaVision-B (`mambavision_b`: 97,685,288 params at 1000 classes, 15.0 GFLOPs at 224 px).
+
+    Args:
+        num_classes: classifier outputs.
+        **kwargs: any `MambaVision` argument (img_size, drop_path_rate, in_chans, ...).
+    """
+    return mambavision_b(num_classes=num_classes, **kwargs)

@@ -1,4 +1,14 @@
-"""Exponential moving average of a model's weights and float buffers."""
+"""Exponential moving average of a model's weights and float buffers, with a decay warm-up.
+
+Warm-up rules (the n-th update, n = 0, 1, ...; the configured decay is an upper bound):
+    tf     d_n = min(decay, (1 + n) / (10 + n))          TensorFlow's `tf.train.ExponentialMovingAverage` with
+                                                         `num_updates`; the initial weights keep a share of
+                                                         prod_k d_k = 9!·n!/(n + 9)! after n updates (~1e-11 at 48)
+    power  d_n = min(decay, 1 - (1 + n / gamma)^-power)  timm `timm/utils/model_ema.py` `ModelEmaV3.get_decay`
+                                                         (after Katherine Crowson); d_0 = 0: the first update copies
+    off    d_n = decay                                   after n updates the initial weights keep decay^n
+                                                         (0.999^48 = 95%: a short run's average is the init)
+"""
 
 from __future__ import annotations
 
@@ -7,25 +17,44 @@ import copy
 import torch
 import torch.nn as nn
 
+WARMUPS = ("tf", "power", "off")
+
+
+def warmup_decay(decay: float, n: int, rule: str = "tf", *, power: float = 0.75, gamma: float = 1.0) -> float:
+    """Decay for the n-th update (0-based) under a warm-up `rule` (see the module docstring)."""
+    if rule == "tf":
+        return min(decay, (1 + n) / (10 + n))
+    if rule == "power":
+        return min(decay, 1.0 - (1.0 + n / gamma) ** -power)
+    if rule == "off":
+        return decay
+    raise ValueError(f"unknown EMA warm-up rule {rule!r}; expected one of {', '.join(WARMUPS)}")
+
 
 class ModelEma(nn.Module):
     """A frozen copy whose float tensors track ema = d·ema + (1-d)·model after each update.
 
+    The update count is a buffer (`num_updates`), so it is saved with the EMA weights and a resumed run continues
+    the warm-up exactly where it stopped.
+
     Args:
-        model: the model being trained (unwrapped).
-        warmup: use min(d, (1 + n)/(10 + n)) for the n-th update, so a short run's average is not dominated by
-            the random initial weights (TensorFlow's num_updates rule).
+        model: the model being trained (unwrapped), in its initial state.
+        warmup: "tf", "power" or "off" (see the module docstring); True/False mean "tf"/"off".
+        power, gamma: parameters of the "power" rule.
     """
 
-    def __init__(self, model: nn.Module, warmup: bool = True) -> None:
+    def __init__(self, model: nn.Module, warmup: str | bool = "tf", *, power: float = 0.75,
+                 gamma: float = 1.0) -> None:
         super().__init__()
+        rule = {True: "tf", False: "off"}.get(warmup, warmup) if isinstance(warmup, bool) else warmup
+        warmup_decay(0.5, 0, rule)  # rejects an unknown rule here, not at the first update
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.warmup = warmup
+        self.rule, self.power, self.gamma = rule, power, gamma
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def effective_decay(self, decay: float) -> float:
-        n = int(self.num_updates)
-        return min(decay, (1 + n) / (10 + n)) if self.warmup else decay
+        """The decay the next update will use."""
+        return warmup_decay(decay, int(self.num_updates), self.rule, power=self.power, gamma=self.gamma)
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:

@@ -164,7 +164,8 @@ class Trainer:
         self.amp_dtype = D.amp_dtype(cfg.train.amp, self.device)
         self._probe_input()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self.ema = ModelEma(self.model, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+        self.ema = ModelEma(self.model, cfg.ema.warmup, power=cfg.ema.warmup_power,
+                            gamma=cfg.ema.warmup_gamma) if cfg.ema.enabled else None
         self.criterion = self._criterion().to(self.device)
         self.steps_per_epoch = math.ceil(len(self.train_stream) / cfg.train.grad_accum)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
