@@ -29,6 +29,7 @@ from vitforge.export import FORMATS, export_checkpoint
 from vitforge.models.backbones import NAMED_WEIGHTS
 from vitforge.outputs import check_output
 from vitforge.resources import RECIPES, find_recipe
+from vitforge.serve import Limits, ServeOptions, serve
 from vitforge.train.trainer import Trainer
 from vitforge.version import __version__
 
@@ -106,8 +107,9 @@ TTA_HELP = "test-time augmentation: none, flip (2 views), flip-shift (6), saccad
 
 
 def _model_set_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT_OR_RUN",
-                   help="checkpoint files or run directories; several form an ensemble (probabilities averaged)")
+    p.add_argument("checkpoints", nargs="+", metavar="MODEL",
+                   help="checkpoint files, run directories or exported model folders (--format folder; also "
+                        ".safetensors, .onnx); several form an ensemble (probabilities averaged)")
     p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per checkpoint")
     _inference_args(p)
@@ -178,21 +180,76 @@ def _run_report(a: argparse.Namespace) -> int:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN", help="checkpoint file or run directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", help="output file (default: RUN/export/model.<ext>, or next to the checkpoint)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="folder: model.safetensors + config.json + README.md model card (a Hugging Face model "
+                        "repository to share); pt2: torch.export (the recommended PyTorch format); onnx; "
+                        "safetensors (+ .json); torchscript (legacy, deprecated upstream)")
+    p.add_argument("--out", help="output file, or directory for folder (default: RUN/export/model.<ext> or "
+                                 "RUN/export/model/, or next to the checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--tol", type=float, default=1e-4, help="largest |logit difference| accepted by the parity check")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="onnx: the dynamo exporter with the legacy one as fallback (auto), or only one of them")
+    p.add_argument("--data", help="folder: labelled data for the model card's metrics (default: the run's held-out "
+                                  "split)")
+    p.add_argument("--no-eval", action="store_true", help="folder: write the card without evaluating the model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _run_export(a: argparse.Namespace) -> int:
-    r = export_checkpoint(a.checkpoint, a.format, a.out, overwrite=a.overwrite, tol=a.tol)
+    options = {"onnx": {"exporter": a.onnx_exporter}, "folder": {"data": a.data, "evaluate": not a.no_eval}}
+    r = export_checkpoint(a.checkpoint, a.format, a.out, overwrite=a.overwrite, tol=a.tol,
+                          **options.get(a.format, {}))
     if a.json:
         print(json.dumps(r, indent=2))
-    else:
-        print(f"wrote {', '.join(r['files'])}\nparity ({r['check']}): max |delta| {r['max_abs_diff']:.3e} "
-              f"(tolerance {r['tol']:.0e}) -> {'ok' if r['ok'] else 'FAILED'}")
+        return 0 if r["ok"] else 1
+    how = f", {r['exporter']} exporter" if r.get("exporter") else ""
+    print(f"wrote {', '.join(r['files'])}\nparity ({r['check']}): max |delta| {r['max_abs_diff']:.3e} "
+          f"(tolerance {r['tol']:.0e}) -> {'ok' if r['ok'] else 'FAILED'}{how}")
+    if r.get("fallback"):
+        print(f"onnx: legacy exporter used because the {r['fallback']}")
+    if r.get("card_note"):
+        print(f"model card: {r['card_note']}")
+    if a.format == "torchscript":
+        print("note: TorchScript is deprecated upstream; --format pt2 (torch.export) is the recommended PyTorch "
+              "format", file=sys.stderr)
     return 0 if r["ok"] else 1
+
+
+# ---- serve -----------------------------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", metavar="MODEL",
+                   help="run directory, checkpoint, exported folder (--format folder), .safetensors or .onnx; "
+                        "several form an ensemble (probabilities averaged)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per model")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads of the forward pass (default: PyTorch's)")
+    g = p.add_argument_group("dynamic batching")
+    g.add_argument("--max-batch", type=positive_int, default=32,
+                   help="most images per forward pass; 1 = no batching (default 32)")
+    g.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="longest a batch waits for requests already arriving (default 10; a lone request never "
+                        "waits)")
+    g = p.add_argument_group("limits per request (exceeded: a 4xx JSON error)")
+    g.add_argument("--max-upload-mb", type=float, default=20.0, help="request body size (default 20 MiB)")
+    g.add_argument("--max-images", type=positive_int, default=32, help="images in one request (default 32)")
+    g.add_argument("--max-pixels", type=positive_int, default=50_000_000,
+                   help="pixels an image may declare (decompression-bomb guard; default 50,000,000)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C (default 30)")
+
+
+def _run_serve(a: argparse.Namespace) -> int:
+    if not a.max_upload_mb > 0:
+        raise VitforgeError(f"--max-upload-mb: must be > 0, got {a.max_upload_mb}")
+    limits = Limits(max_upload_bytes=int(a.max_upload_mb * 1024 * 1024), max_images=a.max_images,
+                    max_pixels=a.max_pixels)
+    options = ServeOptions(host=a.host, port=a.port, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, limits=limits,
+                           graceful_timeout=a.graceful_timeout)
+    return serve(a.checkpoints, tta=a.tta, weights=a.weights, device=a.device, threads=a.threads, options=options)
 
 
 # ---- cross-validation / pseudo-labels --------------------------------------------------------------------------------
@@ -311,8 +368,9 @@ VERBS: dict[str, Verb] = {
                     _predict_args, _run_predict),
     "report": Verb("write RUN/report/index.html: curves, confusion, calibration, predictions, TTA", _report_args,
                    _run_report),
-    "export": Verb("export a checkpoint to safetensors, ONNX or TorchScript with a parity check", _export_args,
-                   _run_export),
+    "export": Verb("export a checkpoint (model folder to share, torch.export, ONNX, safetensors, legacy TorchScript) "
+                   "with a parity check", _export_args, _run_export),
+    "serve": Verb("serve a model over HTTP: JSON API, web page, dynamic batching, metrics", _serve_args, _run_serve),
     "cv": Verb("stratified K-fold cross-validation of a recipe (resumable; out-of-fold predictions)", _cv_args,
                _run_cv),
     "pseudo-label": Verb("label unlabeled images where the fold/model ensemble is confident and unanimous",

@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vitforge.errors import first_line
 
@@ -59,11 +59,17 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     return gray.convert("RGB")
 
 
-def open_image(source: str | bytes, name: str | None = None) -> Image.Image:
+def open_image(source: str | bytes, name: str | None = None, *, max_pixels: int | None = None) -> Image.Image:
     """Decode a file path or encoded bytes to an RGB PIL image (EXIF orientation applied).
 
+    Args:
+        source: a file path or the encoded bytes.
+        name: how the message of an error names the image (default: the path, or "<bytes>").
+        max_pixels: refuse an image whose header declares more pixels than this, before decoding it (a
+            decompression bomb: a small file that would expand to gigabytes). None = PIL's own limit only.
+
     Raises:
-        ImageError: the data is not a decodable image; the message starts with `name` (or the path).
+        ImageError: the data is not a decodable image, or is over `max_pixels`; the message starts with `name`.
     """
     label = name or (source if isinstance(source, str) else "<bytes>")
     try:
@@ -71,11 +77,17 @@ def open_image(source: str | bytes, name: str | None = None) -> Image.Image:
             warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter is not the user's problem
             fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
             with Image.open(fp) as img:
+                w, h = img.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageError(f"{label}: {w}x{h} = {w * h:,} pixels declared, over the limit of "
+                                     f"{max_pixels:,} (decompression-bomb guard)")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
     except FileNotFoundError:
         raise ImageError(f"{label}: file not found") from None
+    except UnidentifiedImageError:  # its message holds the file object's repr for bytes; say it plainly
+        raise ImageError(f"{label}: cannot decode image (not in an image format PIL recognises)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = first_line(e)
         raise ImageError(f"{label}: cannot decode image ({reason})") from None

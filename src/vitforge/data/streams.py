@@ -21,12 +21,12 @@ from vitforge.config import AugConfig, DataConfig, MixConfig
 from vitforge.data import augment as A
 from vitforge.data.augmentations import Frame, compose_policies, device_ops, has_policies, normalised_ops
 from vitforge.data.dataset import FeatureSource, Split, readable_items
-from vitforge.data.decoded import decode_split, use_device_cache
+from vitforge.data.decoded import SMALL_IMAGE, decode_split, use_device_cache
 from vitforge.data.loader import DeviceLoader, SampleDataset, WorkerLoader
 from vitforge.data.preprocess import Preprocess
 from vitforge.data.sources import Source
 from vitforge.data.transforms import eval_transform, train_transform
-from vitforge.errors import ConfigError
+from vitforge.errors import ConfigError, DataError
 
 log = logging.getLogger("vitforge.data")
 
@@ -120,7 +120,43 @@ class EvalStream:
             if self.pre.kind == "features":
                 yield x, y, idx
             else:
-                yield A.batch_resize(A.normalize(x, self.mean, self.std), self.pre.img_size), y, idx
+                yield finish_eval_batch(x, self.pre, self.mean, self.std), y, idx
+
+
+def finish_eval_batch(x: torch.Tensor, pre: Preprocess, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The last evaluation step, on the device: uint8 (B, 3, H, W) -> normalised float (B, 3, S, S) (resized when
+    H, W != S, i.e. for small images kept at their own size)."""
+    return A.batch_resize(A.normalize(x, mean, std), pre.img_size)
+
+
+class ImageInputs:
+    """Model inputs for single decoded images, made exactly as the evaluation stream makes them (`vitforge predict`
+    on a folder holding the image): a server feeds images one by one through this, never a second preprocessing
+    path.
+
+    An image of at most `SMALL_IMAGE` px a side takes the decode-once path (kept at its own size, normalised, then
+    resized on the float tensor); a larger one the worker path (`eval_transform`: shorter side to S / crop_pct,
+    centre crop S).
+    """
+
+    def __init__(self, pre: Preprocess, device: torch.device | str = "cpu"):
+        if pre.kind != "image":
+            raise DataError(f"the model takes {pre.kind} tensors (e.g. hyperspectral patches), not images")
+        self.pre = pre
+        self.transform = eval_transform(pre.img_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
+        self.mean = torch.tensor(pre.mean, device=device)
+        self.std = torch.tensor(pre.std, device=device)
+
+    def uint8(self, img) -> torch.Tensor:
+        """An RGB PIL image -> uint8 (3, H, W) as a loader delivers it."""
+        if max(img.size) <= SMALL_IMAGE:
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        return self.transform(img)
+
+    def __call__(self, img) -> torch.Tensor:
+        """An RGB PIL image -> normalised float (3, S, S) on the device."""
+        x = self.uint8(img).to(self.mean.device)
+        return finish_eval_batch(x[None], self.pre, self.mean, self.std)[0]
 
 
 @dataclass

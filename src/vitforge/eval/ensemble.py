@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitforge.checkpoint import load_model
 from vitforge.data.dataset import Split
 from vitforge.errors import CheckpointError, VitforgeError
 from vitforge.eval.evaluate import topk_metrics
+from vitforge.eval.loading import load_for_inference
 from vitforge.eval.metrics import classification_metrics, format_metrics
 from vitforge.eval.predict import autocast_factory, eval_stream_for, stream_for_split
 from vitforge.eval.tta import check_tta_name, collect_probs, keep_views, trained_invariances, tta_views
@@ -79,9 +79,10 @@ class EnsembleOutput:
 
 def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: str = "none", batch_size: int = 256,
               device: str | torch.device = "auto") -> ModelOutput:
-    """Probabilities of one checkpoint over `data` (a dataset spec or a `Split`), with and without TTA."""
+    """Probabilities of one model over `data` (a dataset spec or a `Split`), with and without TTA; `checkpoint` is
+    anything `load_for_inference` reads (checkpoint, run directory, exported folder, safetensors, ONNX)."""
     dev = inference_device(device) if isinstance(device, str) else device
-    model, meta = load_model(checkpoint, device=dev)
+    model, meta = load_for_inference(checkpoint, device=dev)
     if isinstance(data, Split):
         stream = stream_for_split(meta, data, batch_size=batch_size, device=dev)
     else:

@@ -1,18 +1,25 @@
 """ONNX export with a dynamic batch axis, checked with onnxruntime against PyTorch.
 
-Uses the TorchScript-based exporter (`dynamo=False`): the torch.export-based one needs the `onnxscript` package,
-which vitforge does not depend on. Scaled-dot-product attention exports as plain MatMul/Softmax ops at opset >= 14,
-so no model needs the manual attention path for ONNX (checked for every ViT-family model in tests/test_export.py).
+Two exporters, tried in this order (`exporter="auto"`):
+    dynamo   `torch.onnx.export(dynamo=True)`: captures the model with `torch.export` and translates it with
+             `onnxscript` (opset 18); the exporter PyTorch develops. Every registered ViT-family model takes this path.
+    legacy   `torch.onnx.export(dynamo=False)`: the TorchScript-tracing exporter (opset 17), used when the dynamo
+             exporter raises or its file fails the parity check; the report says why (`fallback`).
+Both write one self-contained file (weights inside, not in a `.onnx.data` beside it) with input "images"
+(batch, C, S, S), output "logits" (batch, K) and the export config as metadata_props["vitforge"], and both are
+checked the same way: onnxruntime vs PyTorch on batches of 1, B and B + 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from vitforge.errors import VitforgeError, first_line
@@ -28,7 +35,10 @@ from vitforge.export.verify import (
     report,
 )
 
-OPSET = 17
+OPSET = 17  # legacy exporter
+OPSET_DYNAMO = 18  # the lowest opset the dynamo exporter emits
+EXPORTERS = ("auto", "dynamo", "legacy")
+log = logging.getLogger(__name__)
 
 
 def _require_onnx():
@@ -41,32 +51,71 @@ def _require_onnx():
     return onnx, onnxruntime
 
 
-def export_onnx(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = False, tol: float = 1e-4,
-                batch_size: int = 2, opset: int = OPSET) -> dict:
-    """Write `out` (.onnx, input "images" (batch, C, S, S), output "logits" (batch, K)) and check it."""
-    import torch
+def _export_dynamo(module: nn.Module, example: torch.Tensor, out: Path) -> int:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's translator)
+    except ImportError:
+        raise RuntimeError("the dynamo exporter needs onnxscript: pip install 'vitforge[export]'") from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with quiet_tracing(), torch.no_grad(), _stdout_to_devnull():
+        torch.onnx.export(module, (example,), str(out), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), opset_version=OPSET_DYNAMO, dynamo=True,
+                          external_data=False, verbose=False)
+    return OPSET_DYNAMO
 
+
+def _export_legacy(module: nn.Module, example: torch.Tensor, out: Path) -> int:
+    with quiet_tracing(), torch.no_grad(), _stdout_to_devnull():  # a failed operator prints the whole graph
+        torch.onnx.export(module, (example,), str(out), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+    return OPSET
+
+
+def export_onnx(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = False, tol: float = 1e-4,
+                batch_size: int = 2, exporter: str = "auto") -> dict:
+    """Write `out` (.onnx) and check it; `exporter`: auto (dynamo, else legacy), dynamo or legacy.
+
+    The report adds "exporter" (the path that wrote the file) and "fallback" (why dynamo was not used, or None).
+    """
     onnx, ort = _require_onnx()
+    if exporter not in EXPORTERS:
+        raise VitforgeError(f"--onnx-exporter: must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     guard_outputs([out], overwrite)
     module = LogitsModule(model).float()
     shape = input_shape(model, meta)
-    inputs = example_inputs(shape, batch_size)
+    inputs = example_inputs(shape, batch_size, single=True)
     ref = reference(module, inputs)  # before exporting: the export must not be able to change what it is compared to
-    try:  # on a failed operator the exporter's C++ prints the whole graph to stdout
-        with quiet_tracing(), torch.no_grad(), _stdout_to_devnull():
-            torch.onnx.export(module, (inputs[0],), str(out), input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
-    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:  # e.g. an operator ONNX has no form for
-        out.unlink(missing_ok=True)
-        raise VitforgeError(f"--format onnx: {meta.get('model_name', 'the model')} cannot be exported to ONNX "
-                            f"opset {opset}: {first_line(e)} (safetensors and torchscript still work)") from e
-    _add_metadata(onnx, out, export_config(meta, shape))
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    ours = [session.run(["logits"], {"images": x.numpy()})[0] for x in inputs]
-    diff = max_abs_diff(ours, ref)
-    check = f"onnxruntime {ort.__version__} vs PyTorch, batches {[len(x) for x in inputs]}, opset {opset}"
-    return report("onnx", [out], diff, tol, check, shape, _attention_impl(model))
+    name = meta.get("model_name", "the model")
+    config = json.dumps(export_config(meta, shape, model))
+    fallback = None
+    for path in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
+        try:
+            opset = (_export_dynamo if path == "dynamo" else _export_legacy)(module, inputs[0], out)
+        except Exception as e:  # exporters raise many types (UserError, OnnxExporterError, RuntimeError, ...)
+            out.unlink(missing_ok=True)
+            reason = f"{path} exporter failed: {first_line(e, 200)}"
+            if path == "dynamo" and exporter == "auto":
+                fallback = reason
+                log.info("%s: %s; trying the legacy exporter", name, reason)
+                continue
+            raise VitforgeError(f"--format onnx: {name} cannot be exported to ONNX ({reason}); safetensors, pt2 "
+                                "and folder still work") from e
+        _add_metadata(onnx, out, config)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        try:
+            diff, failed = max_abs_diff([session.run(["logits"], {"images": x.numpy()})[0] for x in inputs], ref), None
+        except Exception as e:  # e.g. a graph whose batch axis came out fixed: onnxruntime refuses other sizes
+            diff, failed = float("inf"), first_line(e, 200)
+        if path == "dynamo" and exporter == "auto" and not diff <= tol:
+            fallback = f"dynamo export failed the check: {failed or f'off by {diff:.3e} (> {tol:.0e})'}"
+            log.info("%s: %s; trying the legacy exporter", name, fallback)
+            continue
+        check = (f"onnxruntime {ort.__version__} vs PyTorch, batches {[len(x) for x in inputs]}, opset {opset}, "
+                 f"{path} exporter" + (f"; onnxruntime failed: {failed}" if failed else ""))
+        return {**report("onnx", [out], diff, tol, check, shape, _attention_impl(model)), "exporter": path,
+                "fallback": fallback}
+    raise AssertionError("unreachable: the legacy exporter either returns or raises")
 
 
 @contextlib.contextmanager
@@ -85,11 +134,11 @@ def _stdout_to_devnull():
         os.close(devnull)
 
 
-def _add_metadata(onnx, path: Path, config: dict) -> None:
-    """Store the export config (classes, preprocessing, ...) as ONNX metadata_props["vitforge"]."""
+def _add_metadata(onnx, path: Path, config: str) -> None:
+    """Store the export config JSON (classes, preprocessing, ...) as ONNX metadata_props["vitforge"]."""
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "vitforge", json.dumps(config)
+    entry.key, entry.value = "vitforge", config
     onnx.save(proto, str(path))
 
 

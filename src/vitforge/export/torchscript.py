@@ -40,7 +40,7 @@ def export_torchscript(model: nn.Module, meta: dict, out: Path, *, overwrite: bo
     ref = reference(module, inputs)
     with quiet_tracing(), torch.no_grad():
         traced = torch.jit.trace(module, inputs[0], check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(export_config(meta, shape))})
+        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(export_config(meta, shape, model))})
         loaded = torch.jit.load(str(out), map_location="cpu")
         ours = [loaded(x) for x in inputs]
     diff = max_abs_diff(ours, ref)

@@ -38,10 +38,13 @@ def input_shape(model: nn.Module, meta: dict) -> tuple[int, int, int]:
     return chans, size, size
 
 
-def example_inputs(shape: tuple[int, int, int], batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """Two normalised-scale random batches (batch_size and batch_size + 1): the second exercises a dynamic batch."""
+def example_inputs(shape: tuple[int, int, int], batch_size: int, seed: int = 0, *, single: bool = False
+                   ) -> list[torch.Tensor]:
+    """Normalised-scale random batches of batch_size and batch_size + 1 (the second exercises a dynamic batch), and
+    with `single` a batch of 1 too (a graph with a symbolic batch axis may still specialise on size 1)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, *shape, generator=g) for b in (batch_size, batch_size + 1)]
+    sizes = (batch_size, batch_size + 1, 1) if single and batch_size > 1 else (batch_size, batch_size + 1)
+    return [torch.randn(b, *shape, generator=g) for b in sizes]
 
 
 @torch.no_grad()
@@ -83,10 +86,12 @@ def report(fmt: str, files: list[Path], diff: float, tol: float, check: str, sha
             "ok": bool(diff <= tol), "check": check, "input_shape": list(shape), "attention": attention}
 
 
-def export_config(meta: dict, shape) -> dict:
-    """What a deployment needs besides the weights: how to rebuild the model and how to feed it."""
-    return {"format": "vitforge-export", "version": 1, "model_name": meta["model_name"],
+def export_config(meta: dict, shape, model: nn.Module | None = None) -> dict:
+    """What a deployment needs besides the weights: how to rebuild the model and how to feed it (and, given the
+    model, its parameter count)."""
+    params = {"params": sum(p.numel() for p in model.parameters())} if model is not None else {}
+    return {**params, "format": "vitforge-export", "version": 1, "model_name": meta["model_name"],
             "model_kwargs": meta["model_kwargs"], "classes": list(meta["classes"]), "preprocess": meta["preprocess"],
             "input_shape": list(shape), "input": "float32 (B, C, S, S), RGB scaled to [0, 1] then (x - mean) / std",
             "output": "logits (B, K) in `classes` order", "source_checkpoint": meta.get("path"),
-            "exported": provenance()}
+            "metrics": meta.get("metrics"), "config": meta.get("config"), "exported": provenance()}
