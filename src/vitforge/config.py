@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from vitforge.constants import DEFAULT_MAX_IMAGE_PIXELS
 from vitforge.errors import ConfigError
 
 
@@ -260,6 +261,8 @@ class DataConfig:
     """Where decoded tensors are cached; None = ~/.cache/vitforge."""
     download: bool = False
     """Allow downloading a named dataset (cifar10/cifar100) when it is not found locally."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images with more pixels (width x height) are skipped unread and listed as unreadable (decompression bombs)."""
     aug: AugConfig = field(default_factory=AugConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     hsi: HsiConfig = field(default_factory=HsiConfig)
@@ -289,6 +292,7 @@ class DataConfig:
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
         _check("data.crop_pct", 0 < self.crop_pct <= 1, "must be in (0, 1]")
         _check("data.num_workers", self.num_workers >= 0, "must be >= 0")
+        _check("data.max_image_pixels", self.max_image_pixels >= 1, "must be >= 1")
         self.device_cache = _yaml_bool(self.device_cache, "off", "on")
         _choice("data.device_cache", self.device_cache, ("auto", "on", "off"))
 

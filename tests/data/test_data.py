@@ -224,13 +224,13 @@ def test_decode_cache_reuse_and_invalidation(tmp_path):
     root = make_image_folder(tmp_path / "train", per_class=2)
     cache = tmp_path / "cache"
     first = decode_all(open_source(str(root)), None, cache)
-    files = list((cache / "decoded").glob("*.pt"))
+    files = list((cache / "decoded").glob("*.safetensors"))
     assert len(files) == 1
     again = decode_all(open_source(str(root)), None, cache)
     assert torch.equal(first.images, again.images)
     Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "cat" / "999.png")  # the dataset changed
     third = decode_all(open_source(str(root)), None, cache)
-    assert len(third.keep) == len(first.keep) + 1 and len(list((cache / "decoded").glob("*.pt"))) == 2
+    assert len(third.keep) == len(first.keep) + 1 and len(list((cache / "decoded").glob("*.safetensors"))) == 2
 
 
 def test_epoch_plan_repeats_ranks_and_determinism():

@@ -145,7 +145,7 @@ def test_missing_and_wrong_files_are_one_line_errors(tmp_path):
         load_initial_weights(model, str(tmp_path / "cnx.safetensors"))
     assert "\n" not in str(e.value)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth does not fit model timm:test_vit"):
+    with pytest.raises(CheckpointError, match="junk.pth: not a readable weights file"):
         load_initial_weights(model, str(tmp_path / "junk.pth"))
     with pytest.raises(CheckpointError, match="timm has no pretrained weights for timm:test_vit4; pick a tagged"):
         load_initial_weights(build_model("timm:test_vit4", {"num_classes": 3}), "hub")

@@ -16,7 +16,7 @@ import torch
 
 from vitforge.config import DataConfig
 from vitforge.data.hyperspectral import load_hyperspectral
-from vitforge.data.images import image_size
+from vitforge.data.images import ImageError, image_header
 from vitforge.data.sources import (
     FileListSource,
     Source,
@@ -123,7 +123,7 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
         if cfg.limit:
             tr_idx = stratified_subset(tr_idx, src.labels, cfg.limit, cfg.split_seed)
         return OpenedData(src.classes, Split(src, tr_idx, src.labels), Split(src, te_idx, src.labels))
-    train = open_inputs(cfg.train, download=cfg.download, cache_dir=cache_dir)
+    train = open_inputs(cfg.train, download=cfg.download, cache_dir=cache_dir, max_pixels=cfg.max_image_pixels)
     if len(train) == 0:
         raise DataError(f"{cfg.train}: no images")
     if not train.labeled:
@@ -131,11 +131,11 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
                         f"column named label, class, target or class_name)")
     own = len(train)  # items of data.train itself (folds never hold data.extra items)
     if cfg.extra:
-        extra = open_inputs(cfg.extra, cache_dir=cache_dir)
+        extra = open_inputs(cfg.extra, cache_dir=cache_dir, max_pixels=cfg.max_image_pixels)
         train = ConcatSource([train, extra], [train.labels, check_same_classes(train.classes, extra, "data.extra")])
     labels = train.labels
     if cfg.val:
-        val_src = open_inputs(cfg.val, download=cfg.download, cache_dir=cache_dir)
+        val_src = open_inputs(cfg.val, download=cfg.download, cache_dir=cache_dir, max_pixels=cfg.max_image_pixels)
         val = Split(val_src, np.arange(len(val_src)), check_same_classes(train.classes, val_src, "data.val"))
         tr_idx = np.arange(len(train))
     elif cfg.folds:
@@ -152,12 +152,23 @@ def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
 
 
 def readable_items(split: Split) -> tuple[Split, list[str]]:
-    """Drop files whose header cannot be read (named in the returned list); sources in memory pass unchanged."""
+    """Drop files whose header cannot be read or that are over the source's pixel limit (named in the returned
+    list, with the reason); sources in memory pass unchanged."""
     src = split.source
     if not isinstance(src, FileListSource):
         return split, []
-    ok = np.array([image_size(src.files[i]) is not None for i in split.indices], dtype=bool)
-    bad = [f"{src.ids[i]}: cannot decode image" for i in split.indices[~ok]]
+    problems = [_header_problem(src.files[i], src.max_pixels) for i in split.indices]
+    ok = np.array([p is None for p in problems], dtype=bool)
+    bad = [p for p in problems if p is not None]
     if not ok.any():
         raise DataError(f"{src.origin}: no decodable images ({len(bad)} unreadable, e.g. {bad[0]})")
     return Split(src, split.indices[ok], split.labels), bad
+
+
+def _header_problem(path: str, max_pixels: int | None) -> str | None:
+    """None when the header reads and the image is within `max_pixels`, else '<path>: <reason>'."""
+    try:
+        with image_header(path, path, max_pixels=max_pixels):
+            return None
+    except ImageError as e:
+        return str(e)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitforge.data.images import ImageError, is_image_file, open_image
+from vitforge.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, is_image_file, open_image
 from vitforge.errors import DataError, first_line
 
 CIFAR_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -41,6 +41,7 @@ class Source:
     labels: np.ndarray
     ids: list[str]
     origin: str
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused unread (data.max_image_pixels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,7 +119,7 @@ class ParquetSource(Source):
         data = self._bytes[i]
         if data is None:
             raise ImageError(f"{self.ids[i]}: no image bytes in {self.origin}")
-        return open_image(data, name=f"{self.origin}[{i}] {self.ids[i]}")
+        return open_image(data, name=f"{self.origin}[{i}] {self.ids[i]}", max_pixels=self.max_pixels)
 
 
 def _pick_column(columns: list[str], candidates: tuple[str, ...], path: Path, what: str) -> str:
@@ -150,7 +151,7 @@ class FileListSource(Source):
         self.ids = [os.path.relpath(f, base) for f in files]
 
     def load(self, i: int) -> Image.Image:
-        return open_image(self.files[i], name=self.files[i])
+        return open_image(self.files[i], name=self.files[i], max_pixels=self.max_pixels)
 
     def fingerprint(self) -> str:
         """Stable across processes (hashlib, not Python's salted hash): paths, sizes and modification times."""
@@ -216,7 +217,10 @@ def csv_source(path: Path) -> FileListSource:
 
 
 def cifar_batches(root: Path, split: str) -> ArraySource:
-    """torchvision's CIFAR python format: `data_batch_1..5`/`test_batch` (10) or `train`/`test` (100)."""
+    """torchvision's CIFAR python format: `data_batch_1..5`/`test_batch` (10) or `train`/`test` (100).
+
+    The batches are pickles; they are read by `read_cifar_pickle`, which builds nothing but plain data and numpy
+    arrays, so a crafted batch cannot run code."""
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     elif (root / "cifar-100-python").is_dir():
@@ -228,19 +232,98 @@ def cifar_batches(root: Path, split: str) -> ArraySource:
         names, meta, key, label_key = [split], root / "meta", "fine_label_names", "fine_labels"
     images, labels = [], []
     for n in names:
-        d = _unpickle(root / n)
-        images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels += list(d[label_key])
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _unpickle(meta)[key]]  # py3 pickles: bytes
+        d = read_cifar_pickle(root / n)
+        x, y = _field(d, "data", root / n), _field(d, label_key, root / n)
+        try:
+            x = np.asarray(x, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            y = [int(v) for v in y]
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{root / n}: not CIFAR images and labels ({first_line(e)})") from None
+        if len(x) != len(y):
+            raise DataError(f"{root / n}: {len(x)} images but {len(y)} labels")
+        images.append(x)
+        labels += y
+    names_ = _field(read_cifar_pickle(meta), key, meta)
+    if not isinstance(names_, list) or not all(isinstance(c, (bytes, str)) for c in names_):
+        raise DataError(f"{meta}: {key!r} is not a list of class names")
+    classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names_]  # py3 pickles: bytes
     return ArraySource(np.ascontiguousarray(np.concatenate(images)), labels, classes, f"{root}:{split}")
 
 
-def _unpickle(path: Path) -> dict:
+def _field(d: dict, key: str, path: Path):
+    if key not in d:
+        raise DataError(f"{path}: no {key!r} entry (found {', '.join(map(str, list(d)[:8]))})")
+    return d[key]
+
+
+class _Refused(pickle.UnpicklingError):
+    """Something a CIFAR batch never holds (as opposed to a malformed pickle)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """A pickle reader that builds only what CIFAR python batches hold: dicts, lists, tuples, bytes, str, numbers and
+    numpy arrays of numbers. Every global a pickle names goes through `find_class`; only these resolve:
+
+        numpy.core.multiarray._reconstruct, numpy._core.multiarray._reconstruct   ndarrays, pickle protocols 0-4
+        numpy.core.numeric._frombuffer, numpy._core.numeric._frombuffer           ndarrays, pickle protocol 5
+        numpy.ndarray                                                             what _reconstruct allocates
+        numpy.dtype                                                               a numeric dtype from its code
+        _codecs.encode                                                            bytes, protocols 0-2, latin1 only
+    """
+
+    def find_class(self, module: str, name: str):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"it needs the global {module}.{name}, which a CIFAR batch never holds")
+        return found
+
+
+def _numeric_dtype(*args):
+    dt = np.dtype(*args)
+    if dt.hasobject:  # an object array's items would be arbitrary objects
+        raise _Refused("it holds a numpy object array")
+    return dt
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes under protocols 0-2: `encode(str, 'latin1')`, nothing else."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _Refused(f"it calls _codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+_ARRAY = np.zeros(1)
+_CIFAR_GLOBALS = {
+    **{(m, "_reconstruct"): _ARRAY.__reduce_ex__(2)[0] for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): _ARRAY.__reduce_ex__(5)[0] for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numeric_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    """One CIFAR python batch (or its meta file) as a dict with str keys, read by `_CifarUnpickler`.
+
+    Raises:
+        DataError: missing, refused (it names a global outside the list above) or not a readable pickled dict;
+            one line naming the file.
+    """
     if not path.exists():
         raise DataError(f"{path}: missing CIFAR batch file")
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    try:
+        with open(path, "rb") as f:
+            # latin1: the original batches were pickled by Python 2, whose byte strings (the arrays' raw data
+            # included) must come back byte for byte
+            d = _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise DataError(f"{path}: refused to read this CIFAR batch: {first_line(e, 160)} (only dicts, lists, bytes, "
+                        f"strings, numbers and numeric numpy arrays are read)") from None
+    except Exception as e:  # truncated or garbage files raise EOFError, ValueError, TypeError, ...
+        raise DataError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {first_line(e, 120)})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a CIFAR batch (a pickled {type(d).__name__}, not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in d.items()}
 
 
 def digits() -> ArraySource:
@@ -254,22 +337,28 @@ def digits() -> ArraySource:
 
 
 def named_cifar(name: str, split: str, *, download: bool, cache_dir: Path) -> ArraySource:
-    """torchvision CIFAR in `cache_dir/datasets`; downloads only when `download` is true."""
+    """CIFAR-10/100 in `cache_dir/datasets` (torchvision's layout); downloads only when `download` is true.
+
+    torchvision only downloads and checks the archive (its published MD5); the batches are read by `cifar_batches`
+    (restricted unpickler), never by torchvision's dataset class, which unpickles them without restriction."""
     import torchvision.datasets as tvd
+    from torchvision.datasets.utils import download_and_extract_archive
 
     root = cache_dir / "datasets"
     cls = getattr(tvd, CIFAR_NAMES[name])
-    try:
-        ds = cls(str(root), train=(split != "test"), download=download)
-    except RuntimeError as e:
-        if download:
-            raise DataError(f"{name}: download failed ({first_line(e)}); are you offline? Point "
-                            f"data.train at an extracted CIFAR batches directory instead") from None
-        raise DataError(f"{name}: not found in {root}; set data.download=true (needs internet) or point data.train "
-                        f"at an extracted cifar-10-batches-py directory") from None
-    except OSError as e:
-        raise DataError(f"{name}: download failed ({e}); point data.train at a local copy instead") from None
-    return ArraySource(np.ascontiguousarray(ds.data), ds.targets, list(ds.classes), f"{name}:{split}")
+    folder = root / cls.base_folder
+    if not folder.is_dir():
+        if not download:
+            raise DataError(f"{name}: not found in {root}; set data.download=true (needs internet) or point "
+                            f"data.train at an extracted cifar-10-batches-py directory")
+        try:
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        except (OSError, RuntimeError, ValueError) as e:  # urllib errors are OSErrors; a bad checksum RuntimeError
+            raise DataError(f"{name}: download failed ({first_line(e)}); are you offline? Point data.train at an "
+                            f"extracted CIFAR batches directory instead") from None
+    src = cifar_batches(folder, "test" if split == "test" else "train")
+    src.origin = f"{name}:{split}"
+    return src
 
 
 SYNTHETIC_OPTIONS = {"classes": 10, "size": 32, "channels": 3, "seed": 0}
@@ -375,7 +464,8 @@ def open_synthetic(spec: str) -> SyntheticSource:
                            origin=spec)
 
 
-def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = None, labeled: bool = True) -> Source:
+def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = None, labeled: bool = True,
+                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Source:
     """Open a dataset given as a path or a name (see the module table).
 
     Args:
@@ -383,11 +473,18 @@ def open_source(spec: str, *, download: bool = False, cache_dir: Path | None = N
         download: allow a named dataset to be downloaded.
         cache_dir: where named datasets live.
         labeled: a folder of images without class sub-folders is only accepted when False.
+        max_pixels: images with more pixels are skipped unread, named like any unreadable image
+            (`data.max_image_pixels`).
 
     Raises:
         DataError: missing path, unknown format, empty class folder, unreadable file (message names it).
     """
-    cache_dir = cache_dir or default_cache_dir()
+    src = _open_spec(spec, download, cache_dir or default_cache_dir(), labeled)
+    src.max_pixels = max_pixels
+    return src
+
+
+def _open_spec(spec: str, download: bool, cache_dir: Path, labeled: bool) -> Source:
     if spec.split(":")[0] == "synthetic" and not os.path.exists(spec):
         return open_synthetic(spec)
     base, _, given = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")

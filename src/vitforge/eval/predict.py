@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitforge.config import from_dict
+from vitforge.checkpoint import checkpoint_config
 from vitforge.data.dataset import Split, is_hyperspectral, open_hsi, open_inputs
 from vitforge.data.preprocess import Preprocess
 from vitforge.data.sources import check_same_classes
@@ -49,7 +49,7 @@ def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, de
 
 
 def _hsi_stream(meta: dict, cube: str, *, batch_size: int, device: torch.device):
-    cfg = from_dict(meta["config"]).data
+    cfg = checkpoint_config(meta).data
     src, tr, te = open_hsi(cube, cfg)
     labels = check_same_classes(meta["classes"], src, "data")
     return stream_for_split(meta, Split(src, np.sort(np.concatenate([tr, te])), labels), batch_size=batch_size,

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitforge.checkpoint import load_checkpoint, resolve
-from vitforge.config import from_dict
+from vitforge.checkpoint import checkpoint_config, load_checkpoint, resolve
 from vitforge.data import open_data
 from vitforge.data.dataset import Split
 from vitforge.data.sources import open_source
@@ -48,7 +47,7 @@ def validation_data(ckpt: dict, data: str | None) -> str | Split:
     """`data`, or the held-out split of the run's own config (same split seed -> same images)."""
     if data:
         return data
-    cfg = from_dict(ckpt["config"])
+    cfg = checkpoint_config(ckpt)
     try:
         opened = open_data(cfg.data)
     except DataError as e:
@@ -267,7 +266,7 @@ def build_report(run: str | Path, *, data: str | None = None, tta: str = "flip-s
     val = validation_data(ckpt, data)
     ens = run_ensemble([ckpt["path"]], val, labeled=True, tta=tta, batch_size=batch_size, device=device)
     m = ensemble_metrics(ens)
-    m.update(data=data or f"held-out split of {ckpt['config']['data']['train']}", tta=tta)
+    m.update(data=data or f"held-out split of {checkpoint_config(ckpt).data.train}", tta=tta)
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     figs = make_figures(m, ens, read_metrics(run), image_loader(val, ens.ids))
     page = render_html(run, m, figs, ckpt, environment(ckpt, summary), _notes(ckpt, tta, ens))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from vitforge.config import AugConfig
 from vitforge.data.augmentations import Frame, invariances
 from vitforge.data.decoded import SMALL_IMAGE
-from vitforge.errors import ConfigError, VitforgeError
+from vitforge.errors import CheckpointError, ConfigError, VitforgeError, first_line
 from vitforge.runtime import gather_cat
 
 ViewFn = Callable[[torch.Tensor], torch.Tensor]
@@ -201,11 +201,19 @@ def trained_invariances(meta: dict) -> dict[str, bool]:
     64 px; larger images are trained with random resized crops) or an affine translation. A checkpoint without a
     config keeps every view; options a checkpoint predates take their defaults.
     """
-    stored = (((meta.get("config") or {}).get("data") or {}).get("aug")) or {}
+    stored = _section(_section(_section(meta, "config"), "data"), "aug")
     names = {f.name for f in dataclasses.fields(AugConfig)}
-    aug = AugConfig(**{k: v for k, v in stored.items() if k in names})
-    small = int((meta.get("preprocess") or {}).get("img_size") or 0) <= SMALL_IMAGE
+    try:
+        aug = AugConfig(**{k: v for k, v in stored.items() if k in names})
+    except (VitforgeError, TypeError, ValueError) as e:  # a damaged or crafted checkpoint's augmentation settings
+        raise CheckpointError(f"{meta.get('path')}: its stored data.aug is not valid here ({first_line(e)})") from None
+    small = int(_section(meta, "preprocess").get("img_size") or 0) <= SMALL_IMAGE
     return invariances(aug, Frame(small=small))
+
+
+def _section(d: dict, key: str) -> dict:
+    value = d.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _named_views(name: str, mean: torch.Tensor | None, std: torch.Tensor | None) -> list[View]:

@@ -37,7 +37,14 @@ from torch.utils.checkpoint import checkpoint
 
 from vitforge.constants import IMAGENET_NORM
 from vitforge.errors import CheckpointError, ConfigError, first_line
-from vitforge.models.pretrained import load_pretrained, load_state_strict, read_state_dict
+from vitforge.models.pretrained import (
+    CHECKPOINT_FORMAT,
+    load_pretrained,
+    load_state_strict,
+    read_state_dict,
+    read_weights,
+    state_dict_of,
+)
 from vitforge.models.registry import register_prefix
 
 log = logging.getLogger("vitforge")
@@ -48,6 +55,8 @@ NAMED_WEIGHTS = {
                               f"tf_efficientnet_lite{n}")
     for n in (0, 1, 2)
 }
+# Where timm's checkpoint loader looks for weights, in order: EMA first (timm.models.load_state_dict, use_ema=True).
+TIMM_STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 # torchvision parameters that should not be weight-decayed (timm models list theirs in `no_weight_decay()`).
 TV_NO_DECAY = ("logit_scale", "cpb_mlp", "relative_position_bias_table", "pos_embedding", "class_token", "layer_scale")
 
@@ -308,7 +317,7 @@ def load_initial_weights(model: nn.Module, spec: str) -> list[str]:
                               f"'hub' or one of {', '.join(NAMED_WEIGHTS)})")
     if not is_backbone:
         return load_pretrained(model, path)["reset"]
-    if name.startswith("timm:") and not _is_vitforge_checkpoint(path):
+    if name.startswith("timm:"):
         return _load_timm_file(model, path)
     return load_state_keep_head(model, read_state_dict(path), str(path))
 
@@ -336,16 +345,6 @@ def _fresh_head_tensor(model: nn.Module, key: str, value: torch.Tensor) -> torch
     return torch.zeros_like(value) if isinstance(module, (nn.Linear, nn.Conv2d)) else value
 
 
-def _is_vitforge_checkpoint(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        return False
-    try:
-        obj = torch.load(path, map_location="meta", weights_only=False, mmap=True)
-    except Exception:  # not a torch zip file: let the real loader report it
-        return False
-    return isinstance(obj, dict) and obj.get("format") == "vitforge-checkpoint"
-
-
 def _timm_source_model(model: nn.Module, num_classes: int, overlay: dict | None = None) -> nn.Module:
     """The same timm architecture with the weights' own classifier size, loaded by timm (strict, through the
     architecture's checkpoint filter: original key layouts, position-embedding resizing)."""
@@ -358,10 +357,14 @@ def _timm_source_model(model: nn.Module, num_classes: int, overlay: dict | None 
 
 
 def _load_timm_file(model: nn.Module, path: Path) -> list[str]:
-    from timm.models import load_state_dict
-
+    """A weights file through timm's checkpoint filter; a vitforge checkpoint loads as it is."""
+    # Read here (safetensors, or torch.load with weights_only=True), not by timm: one reader, one set of refusals.
+    label = f"model.pretrained: {path}"
+    obj = read_weights(path, label)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return load_state_keep_head(model, state_dict_of(obj, label), str(path))
+    state = state_dict_of(obj, label, TIMM_STATE_KEYS)
     try:
-        state = load_state_dict(str(path))
         heads = [state[f"{c}.weight"] for c in classifier_modules(model) if f"{c}.weight" in state]
         n = int(heads[0].shape[0]) if heads else int(model.pretrained_cfg.get("num_classes") or 0)
         src = _timm_source_model(model, n, {"state_dict": state})
@@ -390,7 +393,7 @@ def _load_hub(model: nn.Module) -> list[str]:
     if weights is None:
         raise CheckpointError(f"model.pretrained=hub: torchvision has no pretrained weights for {name}")
     try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # urllib / hash / filesystem errors
         raise _download_error(f"{name} ({weights})", e) from None
     return load_state_keep_head(model, state, str(weights))

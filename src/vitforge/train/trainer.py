@@ -24,19 +24,20 @@ import torch
 import torch.nn as nn
 
 from vitforge import runtime as D
-from vitforge.checkpoint import load_checkpoint, save_checkpoint
-from vitforge.config import Config, from_dict, load_config, to_dict
+from vitforge.checkpoint import checkpoint_config, checkpoint_model, load_checkpoint, save_checkpoint
+from vitforge.config import Config, load_config, to_dict
 from vitforge.data import StreamOptions, build_eval_stream, build_train_stream, open_data, resolve_preprocess
 from vitforge.data.dataset import FeatureSource
 from vitforge.data.decoded import use_device_cache
 from vitforge.data.sources import NAMED_SOURCES, default_cache_dir
-from vitforge.errors import ConfigError, VitforgeError, first_line
+from vitforge.errors import CheckpointError, ConfigError, VitforgeError, first_line
 from vitforge.eval.evaluate import collect_logits, evaluate
 from vitforge.eval.metrics import label_metrics
 from vitforge.eval.verify import check_attention
 from vitforge.models.backbones import NAMED_WEIGHTS, classifier_names, layer_decay_ids, load_initial_weights
 from vitforge.models.build import build_model, count_params, model_input_cfg, model_kwargs
 from vitforge.models.layers.checkpointing import supports_grad_checkpointing
+from vitforge.models.pretrained import load_state_strict
 from vitforge.train import sam
 from vitforge.train.distill import build_criterion
 from vitforge.train.ema import ModelEma, ema_decay_at
@@ -107,8 +108,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv kernels
         self.data = open_data(cfg.data)
         self.classes = self.data.classes
-        kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(cfg, num_classes=len(self.classes))
-        self.model = build_model(cfg.model.name, kwargs)
+        if ckpt:
+            self.model = checkpoint_model(ckpt)
+        else:
+            self.model = build_model(cfg.model.name, model_kwargs(cfg, num_classes=len(self.classes)))
         remote = cfg.model.pretrained in ("hub", *NAMED_WEIGHTS)
         if cfg.model.pretrained and not ckpt and (self.download or not remote):
             load_initial_weights(self.model, cfg.model.pretrained)  # hub, named source or local file
@@ -521,17 +524,23 @@ class Trainer:
         save_checkpoint(self.run.best, payload)
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        """Model, optimizer, scaler, EMA, progress and RNG states from last.pt; a part that does not fit this run
+        (a damaged or crafted file) is a one-line `CheckpointError` naming the file and the part."""
+        path = ckpt["path"]
+        load_state_strict(self.model, ckpt["model"], path)
+        with _restoring(path, "optimizer"):
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+            with _restoring(path, "scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema"):
-            self.ema.load_state_dict(ckpt["ema"])
-        self.state = Progress_(**ckpt["progress"])
-        rng = ckpt["rng"]
-        if isinstance(rng, list):  # one state per rank (a different world size reuses them round-robin)
-            rng = rng[self.dist.rank % len(rng)]
-        _set_rng_state(rng, self.device)
+            load_state_strict(self.ema, ckpt["ema"], f"{path} (EMA weights)")
+        self.state = _progress(ckpt["progress"], path)
+        with _restoring(path, "rng"):
+            rng = ckpt["rng"]
+            if isinstance(rng, list):  # one state per rank (a different world size reuses them round-robin)
+                rng = rng[self.dist.rank % len(rng)]
+            _set_rng_state(rng, self.device)
 
     def _create_run(self) -> RunDir:
         run = RunDir.create(self.cfg, dataset_name=self.cfg.data.train) if self.dist.main else None
@@ -607,7 +616,43 @@ def _resume_config(ckpt: dict, overrides) -> Config:
                           f"{', '.join(RESUMABLE_OVERRIDES)}); start a new run instead")
     if "optimizer" not in ckpt:
         raise ConfigError(f"{ckpt['path']}: holds no training state (best.pt); resume from a run dir or last.pt")
-    return load_config(to_dict(from_dict(ckpt["config"])), overrides)
+    missing = [k for k in ("progress", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{ckpt['path']}: training state without its {' and '.join(map(repr, missing))} "
+                              f"field(s) (damaged or crafted)")
+    cfg = checkpoint_config(ckpt)
+    if cfg.model.name != ckpt["model_name"]:
+        raise CheckpointError(f"{ckpt['path']}: its model_name {ckpt['model_name']!r} differs from its config's "
+                              f"model.name {cfg.model.name!r} (damaged or crafted)")
+    return load_config(to_dict(cfg), overrides)
+
+
+@contextlib.contextmanager
+def _restoring(path: str, part: str):
+    """Turn what a state that does not fit raises (torch and numpy raise KeyError, ValueError, TypeError, ...) into
+    a one-line `CheckpointError` naming the checkpoint and the part."""
+    try:
+        yield
+    except VitforgeError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: its {part} state does not fit this run ({type(e).__name__}: "
+                              f"{first_line(e, 160)})") from None
+
+
+def _progress(d: dict, path: str) -> Progress_:
+    """`Progress_` from a checkpoint, each field of the type it has here (a number as a string would only fail
+    somewhere deep in the loop)."""
+    defaults = Progress_()
+    unknown = [k for k in d if k not in asdict(defaults)]
+    bad = [k for k, v in d.items() if k not in unknown and not (
+        isinstance(v, (int, float)) and not isinstance(v, bool)
+        and (isinstance(getattr(defaults, k), float) or isinstance(v, int)))]
+    if unknown or bad:
+        k = (unknown or bad)[0]
+        raise CheckpointError(f"{path}: field 'progress' has " + (f"an unknown key {str(k)[:40]!r}" if unknown else
+                                                                  f"{k} = {str(d[k])[:40]!r}, not a number"))
+    return Progress_(**d)
 
 
 def _seed_everything(seed: int) -> None:
@@ -622,7 +667,11 @@ def _smoothing_at(epoch: int, tcfg) -> float:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as plain data (tensors, lists, tuples, numbers): what `torch.load(weights_only=True)`
+    reads back without any allow-list. numpy's MT19937 keys (624 uint32) travel as an int64 tensor."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(gauss)], "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -630,7 +679,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # format 1 checkpoints hold an ndarray here, format 2 an int64 tensor
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda"])
