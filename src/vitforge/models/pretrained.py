@@ -39,12 +39,13 @@ _NP_RECONSTRUCT = np.zeros(0).__reduce_ex__(2)[0]  # the function numpy's ndarra
 TORCH_SAFE_GLOBALS: list = [
     # numpy arrays: last.pt of vitforge before checkpoint format 2 kept numpy's MT19937 RNG state (624 uint32 keys)
     # as an ndarray. `_reconstruct(ndarray, shape, dtype)` allocates an empty array that `ndarray.__setstate__` fills
-    # from raw bytes; an object-dtype array's items come from the same restricted unpickler.
+    # from raw bytes. Only uint32 arrays build at all: setting a dtype's state needs the dtype's own class allowed,
+    # and UInt32DType is the only one listed (so no object arrays, whose items could be anything).
     _NP_RECONSTRUCT,
     (_NP_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),  # the name numpy 1.x wrote into its pickles
     np.ndarray,
     np.dtype,  # np.dtype("u4", False, True): a dtype from its type code
-    type(np.dtype(np.uint32)),  # numpy >= 1.25 builds the dtype's own class (UInt32DType) when setting its state
+    type(np.dtype(np.uint32)),  # numpy >= 1.20 pickles rebuild the dtype as its own class (UInt32DType)
     # TorchVersion: a `str` subclass; earlier checkpoints stored torch.__version__ itself in their provenance.
     TorchVersion,
     # argparse.Namespace: timm's and DeiT's training scripts store their command line in checkpoints (timm's own
@@ -53,8 +54,7 @@ TORCH_SAFE_GLOBALS: list = [
 ]
 
 
-def load_torch_file(path: str | Path, label: str, *, what: str = "torch file", map_location: str = "cpu",
-                    mmap: bool = False) -> Any:
+def load_torch_file(path: str | Path, label: str, *, what: str = "torch file", map_location: str = "cpu") -> Any:
     """`torch.load(path, weights_only=True)` with `TORCH_SAFE_GLOBALS` allowed for this call only.
 
     Args:
@@ -75,7 +75,7 @@ def load_torch_file(path: str | Path, label: str, *, what: str = "torch file", m
         with torch.serialization.safe_globals(added), warnings.catch_warnings():
             # torch warns (on stderr) about pickle protocols above 2 in a crafted file before refusing it
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # the restricted unpickler refused something
         raise CheckpointError(f"{label}: refused to load: {_refusal(e)}; vitforge loads only tensors, numbers, "
                               f"strings, lists and dicts from a torch file and never runs code from it") from None
@@ -99,6 +99,9 @@ def _refusal(e: Exception) -> str:
     m = re.search(r"GLOBAL ([\w.]+)", text)
     if m:
         return f"it needs the global {m.group(1)}"
+    m = re.search(r"but got <class '([\w.]+)'>", text)  # an allowed global building an object of another class
+    if m:
+        return f"it builds a {m.group(1)}"
     boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
     return (lines[0] if lines else type(e).__name__)[:160]
