@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import make_image_folder
 from PIL import Image, ImageFile
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vitforge.checkpoint import FORMAT, load_checkpoint
 from vitforge.commands.cli import main
@@ -44,6 +44,12 @@ from vitforge.train.trainer import Trainer, train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitforge"
 QUICK = ["train.device=cpu", "run.progress=none", "train.threads=1"]
+
+
+EXPORT_CONFIG = {"format": "vitforge-export", "model_name": "vit_demo", "model_kwargs": {"num_classes": 10,
+                                                                                         "img_size": 8},
+                 "classes": [str(i) for i in range(10)], "preprocess": {"img_size": 8, "mean": [0.5] * 3,
+                                                                         "std": [0.25] * 3}}
 
 
 class Payload:
@@ -85,9 +91,10 @@ def crafted(kind: str, folder: Path, marker: Path) -> Path:
     elif kind == "missing_keys":  # the right marker, nothing else a checkpoint needs
         path = folder / "missing_keys.pt"
         torch.save({"format": FORMAT, "version": 2, "classes": ["0", "1"]}, path)
-    elif kind == "safetensors_header":  # header length 40, then a JSON header cut short
+    elif kind == "safetensors_header":  # header length 40, then a JSON header cut short; a good config beside it
         path = folder / "broken.safetensors"
         path.write_bytes(struct.pack("<Q", 40) + b'{"w": {"dtype": "F32", "shape": [2], "da' + bytes(64))
+        path.with_suffix(".json").write_text(json.dumps(EXPORT_CONFIG))
     else:
         raise AssertionError(kind)
     return path
@@ -147,7 +154,8 @@ SAYS = {
     "pickle": r"not a readable (checkpoint|weights file) \(not a torch\.save file: ",
     "zip": r"refused to load: it needs the global io\.open; vitforge loads only tensors",
     "missing_keys": r"vitforge checkpoint without its 'model_name' field|its 'model' weights are a NoneType",
-    "safetensors_header": r"not a readable (checkpoint|safetensors file) \(",
+    "safetensors_header": r"not a readable (checkpoint|safetensors file) \(|not readable safetensors weights for "
+                          r"vit_demo \(",
 }
 
 
@@ -280,6 +288,62 @@ def test_safetensors_weights_of_another_dtype_or_bad_dtype_code(tmp_path, capsys
         assert main([*dry, f"model.pretrained={f}"]) == 2
         err = one_line_error(capsys)
         assert f"model.pretrained: {f}" in err and says in err, err
+
+
+@pytest.fixture(scope="module")
+def export_folder(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert main(["export", str(run), "--format", "folder", "--out", str(out)]) == 0
+    return out
+
+
+def _bad_int_weights(folder: Path) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.to(torch.int32) if v.is_floating_point() else v for k, v in state.items()},
+              str(folder / "model.safetensors"))
+
+
+def _config(**change):
+    def apply(folder: Path) -> None:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(change)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
+EXPORT_CLAIMS = {
+    "arguments not a dict": (_config(model_kwargs=5), "config.json: field 'model_kwargs' is a int, expected dict"),
+    "unregistered model": (_config(model_name="no_such_model"),
+                           "config.json: cannot rebuild its model (model.name: unknown model 'no_such_model'"),
+    "refused arguments": (_config(model_kwargs={"bogus": 1}),
+                          "config.json: cannot rebuild its model (model 'vit_demo' does not take argument 'bogus')"),
+    "class names": (_config(classes=[1, 2]), "config.json: field 'classes' must be a non-empty list of class names"),
+    "preprocess": (_config(preprocess={"img_size": 8}), "config.json: field 'preprocess' lacks mean, std"),
+    "not json": (lambda f: (f / "config.json").write_text("{"), "config.json: not a readable export config ("),
+    "other dtype": (_bad_int_weights, "model.safetensors does not fit vit_demo: dtype mismatch at "),
+    "broken header": (lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{"),
+                      "model.safetensors: not readable safetensors weights for vit_demo ("),
+}
+
+
+@pytest.mark.parametrize("claim", list(EXPORT_CLAIMS))
+def test_exported_model_that_is_not_what_it_claims(claim, export_folder, tmp_path, capsys):
+    change, says = EXPORT_CLAIMS[claim]
+    folder = tmp_path / "model"
+    shutil.copytree(export_folder, folder)
+    change(folder)
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--data", "digits", "--device", "cpu"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"vitforge: error: {folder}") and says in err, err
+
+
+def test_an_onnx_file_that_is_not_one(tmp_path, capsys):
+    f = tmp_path / "model.onnx"
+    f.write_bytes(pickle.dumps({"model": Payload(tmp_path / "MARKER")}))
+    capsys.readouterr()
+    assert main(["eval", str(f), "--data", "digits", "--device", "cpu"]) == 2
+    assert f"{f}: not a readable ONNX model (" in one_line_error(capsys) and not (tmp_path / "MARKER").exists()
 
 
 # ---- checkpoints written by earlier vitforge (format 1) -------------------------------------------------------------
@@ -437,11 +501,11 @@ def bomb(tmp_path_factory) -> Path:
 
 
 def test_an_image_over_the_limit_is_refused_before_decoding_without_warnings(bomb, recwarn):
-    with pytest.raises(ImageError, match=re.escape(f"{bomb}: 10000x9000 = 90,000,000 pixels, over the limit of "
-                                                   f"{DEFAULT_MAX_IMAGE_PIXELS:,} (data.max_image_pixels); not "
-                                                   f"decoded")):
+    with pytest.raises(ImageError, match=re.escape(f"{bomb}: 10000x9000 = 90,000,000 pixels declared, over the limit "
+                                                   f"of {DEFAULT_MAX_IMAGE_PIXELS:,} (decompression-bomb guard)")):
         open_image(str(bomb))
-    with pytest.raises(ImageError, match="upload.png: 10000x9000 = 90,000,000 pixels, over the limit of 1,000,000"):
+    with pytest.raises(ImageError, match="upload.png: 10000x9000 = 90,000,000 pixels declared, over the limit of "
+                                         "1,000,000"):
         open_image(bomb.read_bytes(), name="upload.png", max_pixels=1_000_000)  # the bytes path (serve)
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
@@ -455,7 +519,7 @@ def test_predict_skips_and_names_an_oversized_image_without_warning_noise(bomb, 
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "wrote 3 predictions" in r.stdout and "1 unreadable image(s) skipped" in r.stdout
-    assert "bomb.png: 10000x9000 = 90,000,000 pixels, over the limit of 89,478,485" in r.stdout
+    assert "bomb.png: 10000x9000 = 90,000,000 pixels declared, over the limit of 89,478,485" in r.stdout
     assert "DecompressionBomb" not in r.stderr and "Warning" not in r.stderr, r.stderr
 
 
@@ -465,8 +529,8 @@ def test_the_pixel_limit_is_a_config_key(tmp_path):
     cfg = load_config(None, [f"data.train={data}", "data.max_image_pixels=300", "data.val_split=0"]).data
     opened = open_data(cfg)
     dec = decode_all(opened.train.source, None, tmp_path / "cache", opened.train.indices)
-    assert len(dec.keep) == 12 and dec.bad == [f"{data / 'cat' / 'big.png'}: 32x32 = 1,024 pixels, over the limit "
-                                               f"of 300 (data.max_image_pixels); not decoded"]
+    assert len(dec.keep) == 12 and dec.bad == [f"{data / 'cat' / 'big.png'}: 32x32 = 1,024 pixels declared, over the "
+                                               f"limit of 300 (decompression-bomb guard)"]
     _, bad = readable_items(opened.train)  # the large-image (DataLoader) path skips it by its header
     assert bad == dec.bad
     roomy = decode_all(open_data(load_config(None, [f"data.train={data}", "data.val_split=0"]).data).train.source,

@@ -125,22 +125,36 @@ def check_fields(ckpt: dict, label: str) -> None:
     if ckpt["version"] > VERSION:
         raise CheckpointError(f"{label}: checkpoint format {ckpt['version']} is newer than this vitforge reads "
                               f"({VERSION}); upgrade vitforge")
-    if not ckpt["model_name"]:
-        raise CheckpointError(f"{label}: field 'model_name' is empty")
-    for key in ("model_kwargs", "config", "preprocess", "metrics", "provenance"):
+    check_model_fields(ckpt, label)
+    for key in ("config", "metrics", "provenance"):
         where = _not_plain(ckpt.get(key))
         if where is not None:
             raise CheckpointError(f"{label}: field {key!r} holds {where}, not plain data (str, number, list, dict)")
-    bad = next((c for c in ckpt["classes"] if not isinstance(c, str)), None)
-    if not ckpt["classes"] or bad is not None:
-        raise CheckpointError(f"{label}: field 'classes' must be a non-empty list of class names"
-                              + (f" (holds a {type(bad).__name__})" if bad is not None else ""))
     tensor_dict(ckpt["model"], label, "field 'model'")
     if ckpt.get("ema") is not None:
         tensor_dict(ckpt["ema"], label, "field 'ema'")
     if ckpt.get("eval_weights", "model") not in ("model", "ema"):
         raise CheckpointError(f"{label}: field 'eval_weights' is {ckpt['eval_weights']!r}, expected 'model' or 'ema'")
-    _check_preprocess(ckpt["preprocess"], label)
+
+
+def check_model_fields(d: dict, label: str) -> None:
+    """The fields that rebuild a model and its inputs, in a checkpoint or an export config: `model_name` (a
+    non-empty str), `model_kwargs` (a dict of plain data), `classes` (a non-empty list of str) and `preprocess`
+    (`Preprocess` fields of the right types). Raises a `CheckpointError` starting with `label`."""
+    for key, kind in (("model_name", str), ("model_kwargs", dict), ("classes", list), ("preprocess", dict)):
+        if not isinstance(d.get(key), kind):
+            raise CheckpointError(f"{label}: field {key!r} is a {type(d.get(key)).__name__}, expected {kind.__name__}")
+    if not d["model_name"]:
+        raise CheckpointError(f"{label}: field 'model_name' is empty")
+    for key in ("model_kwargs", "preprocess"):
+        where = _not_plain(d[key])
+        if where is not None:
+            raise CheckpointError(f"{label}: field {key!r} holds {where}, not plain data (str, number, list, dict)")
+    bad = next((c for c in d["classes"] if not isinstance(c, str)), None)
+    if not d["classes"] or bad is not None:
+        raise CheckpointError(f"{label}: field 'classes' must be a non-empty list of class names"
+                              + (f" (holds a {type(bad).__name__})" if bad is not None else ""))
+    _check_preprocess(d["preprocess"], label)
 
 
 def _not_plain(obj: Any, path: str = "", depth: int = 0) -> str | None:
@@ -188,15 +202,20 @@ def _numbers(v: Any) -> bool:
 
 
 def checkpoint_model(ckpt: dict) -> nn.Module:
-    """The (randomly initialised) model a checked checkpoint describes; a model name this vitforge does not know or
-    arguments its constructor refuses are a `CheckpointError` naming the file."""
+    """The (randomly initialised) model a checked checkpoint describes (see `rebuild_model`)."""
+    return rebuild_model(ckpt["model_name"], ckpt["model_kwargs"], ckpt["path"])
+
+
+def rebuild_model(name: str, kwargs: dict, label: str) -> nn.Module:
+    """`build_model(name, kwargs)` for a name and arguments read from a file: a model this vitforge does not know, or
+    arguments its constructor refuses, are a `CheckpointError` starting with `label` (the file)."""
     try:
-        return build_model(ckpt["model_name"], ckpt["model_kwargs"])
+        return build_model(name, kwargs)
     except VitforgeError as e:
-        raise CheckpointError(f"{ckpt['path']}: cannot rebuild its model ({first_line(e, 240)})") from None
+        raise CheckpointError(f"{label}: cannot rebuild its model ({first_line(e, 240)})") from None
     except Exception as e:  # a constructor given arguments it never expected may raise anything
-        raise CheckpointError(f"{ckpt['path']}: cannot rebuild its model {ckpt['model_name']!r} from the stored "
-                              f"arguments ({type(e).__name__}: {first_line(e, 200)})") from None
+        raise CheckpointError(f"{label}: cannot rebuild its model {name!r} from the stored arguments "
+                              f"({type(e).__name__}: {first_line(e, 200)})") from None
 
 
 def checkpoint_config(ckpt: dict) -> Config:

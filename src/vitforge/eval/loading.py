@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_weights
 
-from vitforge.checkpoint import load_model
+from vitforge.checkpoint import check_model_fields, load_model, rebuild_model
 from vitforge.errors import CheckpointError, first_line
-from vitforge.models.build import build_model, count_params
+from vitforge.models.build import count_params
+from vitforge.models.pretrained import dtype_kind
 
 EXPORT_FORMAT = "vitforge-export"
 CONFIG_FILE = "config.json"
@@ -57,6 +58,7 @@ def read_export_config(path: Path, text: str | None = None) -> dict:
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise CheckpointError(f"{path}: export config lacks {', '.join(missing)}")
+    check_model_fields(config, str(path))
     return config
 
 
@@ -83,8 +85,9 @@ def load_safetensors_export(weights: str | Path, config_file: str | Path | None 
     if not weights.is_file() or not config_file.is_file():
         raise CheckpointError(f"{weights}: needs both {weights.name} and {config_file.name}")
     config = read_export_config(config_file)
-    model = build_model(config["model_name"], config["model_kwargs"])
+    model = rebuild_model(config["model_name"], config["model_kwargs"], str(config_file))
     try:
+        _check_dtypes(model, weights, config["model_name"])
         missing, unexpected = load_weights(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights}: not readable safetensors weights for {config['model_name']} "
@@ -95,6 +98,21 @@ def load_safetensors_export(weights: str | Path, config_file: str | Path | None 
     source = "folder" if config_file.name == CONFIG_FILE else "safetensors"
     return model.eval(), _meta(config, weights.parent if source == "folder" else weights, source,
                                count_params(model)[0])
+
+
+def _check_dtypes(model: nn.Module, weights: Path, name: str) -> None:
+    """Tensors of another kind than the model's (integers where floats belong) are refused, not silently cast;
+    read from the safetensors header alone."""
+    own = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        for k in f.keys():
+            if k in own:
+                code = f.get_slice(k).get_dtype()  # "F32", "BF16", "I64", "BOOL", ...
+                kind = ("float" if code.startswith(("F", "BF")) else "bool" if code == "BOOL" else
+                        "complex" if code.startswith("C") else "int")
+                if kind != dtype_kind(own[k]):
+                    raise CheckpointError(f"{weights} does not fit {name}: dtype mismatch at {k}: file {code} vs "
+                                          f"model {own[k].dtype}")
 
 
 class OnnxModel(nn.Module):
