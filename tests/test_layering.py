@@ -2,7 +2,7 @@
 package, without loops), and never imports vitforge code inside a function (those are kept for optional
 third-party packages). Read statically from the source, so a loop hidden in a function body fails here too.
 
-    errors < version < constants < resources < config < outputs < runtime      (foundations, in this order)
+    errors < version < constants < resources < config < outputs < progress < runtime   (foundations, in order)
     < models < data < checkpoint < eval < {export, train, serve} < commands
     (the package `vitforge/__init__.py` and `__main__.py` sit on top)
 """
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitforge"
-LAYERS = [["errors"], ["version"], ["constants"], ["resources"], ["config"], ["outputs"], ["runtime"], ["models"],
-          ["data"], ["checkpoint"], ["eval"], ["export", "train", "serve"], ["commands"], ["__init__", "__main__"]]
+LAYERS = [["errors"], ["version"], ["constants"], ["resources"], ["config"], ["outputs"], ["progress"], ["runtime"],
+          ["models"], ["data"], ["checkpoint"], ["eval"], ["export", "train", "serve"], ["commands"],
+          ["__init__", "__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -33,7 +33,7 @@ def m() -> dict:
 def test_headline_numbers(m):
     assert m["n"] == 6
     assert m["top1"] == pytest.approx(100 * 4 / 6)
-    assert m["top5"] == pytest.approx(100.0)  # k = min(5, K) = 3 covers every class
+    assert m["top5"] is None  # 3 classes: a top-5 would cover every class (100% by construction), so none is given
     nll = -sum(math.log(p) for p in (0.70, 0.25, 0.85, 0.90, 0.65, 0.35)) / 6
     assert m["loss"] == pytest.approx(nll, rel=1e-5)
     assert m["per_class_top1"] == pytest.approx({"a": 50.0, "b": 100.0, "c": 50.0})
@@ -112,6 +112,20 @@ def test_loss_from_softmax_equals_cross_entropy_on_logits():
     assert out["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item() * 100)
 
 
+@pytest.mark.parametrize("k", [2, 3, 5, 6, 7])
+def test_top5_only_when_there_are_more_than_5_classes(k):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(40, k, generator=g)
+    labels = torch.randint(0, k, (40,), generator=g)
+    out = classification_metrics(logits.softmax(1), labels, [str(i) for i in range(k)])
+    text = format_metrics(out, title="t")
+    if k <= 5:
+        assert out["top5"] is None and "top-5" not in text
+    else:
+        top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item() * 100
+        assert out["top5"] == pytest.approx(top5) and out["top5"] < 100 and f"top-5 {top5:.2f}%" in text
+
+
 def test_unlabeled_items_are_ignored():
     probs = torch.cat([PROBS, torch.tensor([[0.0, 0.0, 1.0]])])
     out = classification_metrics(probs, torch.cat([LABELS, torch.tensor([-1])]), CLASSES)
@@ -125,4 +139,4 @@ def test_json_serialisable_and_printable(m):
     again = json.loads(json.dumps(m))
     assert again["confusion"] == m["confusion"]
     text = format_metrics(m, title="model on data")
-    assert "top-1 66.67%" in text and "macro avg" in text and "a->b 1" in text
+    assert "top-1 66.67%" in text and "macro avg" in text and "a->b 1" in text and "top-5" not in text

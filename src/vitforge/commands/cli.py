@@ -22,12 +22,16 @@ from vitforge.commands.pseudo_label import format_result, pseudo_label
 from vitforge.config import load_config, to_yaml
 from vitforge.errors import VitforgeError
 from vitforge.eval.ensemble import evaluate_ensemble, format_eval, predict_ensemble
+from vitforge.eval.members import HeldOut, Member, describe_weights
 from vitforge.eval.report import build_report
-from vitforge.eval.submission import ID_FROM, LABEL_AS, format_from_args, write_submission
+from vitforge.eval.stack import FEATURES, METHODS, format_comparison, stack_predict
+from vitforge.eval.submission import ID_FROM, LABEL_AS, class_distribution, format_from_args, write_submission
 from vitforge.eval.verify import run_verify_attention
 from vitforge.export import FORMATS, export_checkpoint
 from vitforge.models.backbones import NAMED_WEIGHTS
 from vitforge.outputs import check_output
+from vitforge.progress import DEFAULT_EVERY, MODES
+from vitforge.progress import configure as configure_progress
 from vitforge.resources import RECIPES, find_recipe
 from vitforge.serve import Limits, ServeOptions, serve
 from vitforge.train.trainer import Trainer
@@ -104,20 +108,60 @@ def _run_demo(a: argparse.Namespace) -> int:
 
 # ---- eval / predict / report / export -------------------------------------------------------------------------------
 TTA_HELP = "test-time augmentation: none, flip (2 views), flip-shift (6), saccadic12 (12)"
+WEIGHTS_HELP = (
+    "ensemble weights: one number per MODEL (a CV directory's folds share its weight), or 'auto' = from each "
+    "member's held-out log-loss L (a CV directory's out-of-fold predictions, a run's best.pt validation loss): "
+    "w ~ exp(-L), the geometric-mean probability the member gives the true class. Log-loss, not accuracy: it is what "
+    "averaging probabilities changes, while accuracy ignores confidence and moves in steps of 1/N, so accuracy "
+    "weights come out almost equal; exp(-L), not 1/L: bounded, so a lucky near-perfect member cannot take "
+    "everything. The weights are printed (stderr). Default: equal per MODEL")
 
 
 def _model_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="MODEL",
-                   help="checkpoint files, run directories or exported model folders (--format folder; also "
-                        ".safetensors, .onnx); several form an ensemble (probabilities averaged)")
+                   help="checkpoint files, run directories, CV directories (all their folds) or exported model "
+                        "folders (--format folder; also .safetensors, .onnx); several form an ensemble "
+                        "(probabilities averaged)")
     p.add_argument("--tta", default="none", help=f"{TTA_HELP} (default none)")
-    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one ensemble weight per checkpoint")
+    p.add_argument("--weights", nargs="+", metavar="W", help=WEIGHTS_HELP)
     _inference_args(p)
 
 
 def _inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="N",
+                   help="images per forward pass (default auto: 256 on a GPU; on a CPU about four 224-px images' "
+                        "worth, e.g. 4 at 224 px, 256 at 32 px: large CPU batches are slower)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    _progress_args(p)
+
+
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=MODES, default="auto",
+                   help="auto (a bar on a terminal, else plain lines), bar, plain or none; on stderr (default auto)")
+    p.add_argument("--progress-every", type=non_negative_float, default=DEFAULT_EVERY, metavar="SECONDS",
+                   help=f"seconds between plain progress lines (default {DEFAULT_EVERY:g}; 0 = every batch)")
+
+
+def _weights(values: list[str] | None):
+    """--weights: None, "auto", or a list of numbers (a bad entry is named)."""
+    if values is None or values == ["auto"]:
+        return values and "auto"
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise VitforgeError(f"--weights: {v!r} is not a number; give one number per model, or auto") from None
+    return out
+
+
+def _print_weights(result: dict, weights) -> None:
+    """With --weights auto: each member's weight and the held-out score it comes from (stderr)."""
+    if weights != "auto":
+        return
+    members = [Member(m["source"], m["kind"], m["checkpoints"]) for m in result["members"]]
+    print(describe_weights(members, [m["weight"] for m in result["members"]],
+                           [HeldOut(**m["held_out"]) for m in result["members"]]), file=sys.stderr)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -127,8 +171,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(a: argparse.Namespace) -> int:
-    m = evaluate_ensemble(a.checkpoints, a.data, tta=a.tta, weights=a.weights, batch_size=a.batch_size,
+    weights = _weights(a.weights)
+    m = evaluate_ensemble(a.checkpoints, a.data, tta=a.tta, weights=weights, batch_size=a.batch_size,
                           device=a.device)
+    _print_weights(m, weights)
     print(json.dumps(m, indent=2) if a.json else format_eval(m))
     return 0
 
@@ -138,6 +184,10 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _csv_args(p)
+
+
+def _csv_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CSV layout (default: file,pred,prob_<class>...)")
     g.add_argument("--kaggle", action="store_true", help="start from the id,label layout (id = file name stem)")
     g.add_argument("--id-column", help="header of the id column")
@@ -149,18 +199,32 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prob-prefix", help="probability column = prefix + class name ('' = class names)")
 
 
+def _csv_format(a: argparse.Namespace):
+    return format_from_args(kaggle=a.kaggle, id_column=a.id_column, id_from=a.id_from, label_column=a.label_column,
+                            label_as=a.label_as, probs=a.probs, prob_prefix=a.prob_prefix)
+
+
 def _run_predict(a: argparse.Namespace) -> int:
-    fmt = format_from_args(kaggle=a.kaggle, id_column=a.id_column, id_from=a.id_from, label_column=a.label_column,
-                           label_as=a.label_as, probs=a.probs, prob_prefix=a.prob_prefix)
+    fmt = _csv_format(a)
+    weights = _weights(a.weights)
     check_output(a.out, overwrite=a.overwrite)  # before the models run
-    pred = predict_ensemble(a.checkpoints, a.images, tta=a.tta, weights=a.weights, batch_size=a.batch_size,
+    pred = predict_ensemble(a.checkpoints, a.images, tta=a.tta, weights=weights, batch_size=a.batch_size,
                             device=a.device)
+    _print_weights(pred, weights)
+    _write_predictions(pred, a, fmt, f"{' + '.join(pred['models'])}, tta {a.tta}")
+    return 0
+
+
+def _write_predictions(pred: dict, a: argparse.Namespace, fmt, what: str, file=None) -> None:
+    """Write the CSV, say where, and print the predicted class distribution (a warning when it is one class)."""
     path = write_submission(pred, a.out, fmt, overwrite=a.overwrite)
-    msg = f"wrote {len(pred['ids'])} predictions ({' + '.join(pred['models'])}, tta {a.tta}) to {path}"
+    msg = f"wrote {len(pred['ids'])} predictions ({what}) to {path}"
     if pred["unreadable"]:
         msg += f" ({len(pred['unreadable'])} unreadable image(s) skipped, e.g. {pred['unreadable'][0]})"
-    print(msg)
-    return 0
+    text, warning = class_distribution(pred)
+    print(f"{msg}\n{text}", file=file or sys.stdout)
+    if warning:
+        print(f"vitforge: warning: {warning}", file=sys.stderr)
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +258,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                                   "split)")
     p.add_argument("--no-eval", action="store_true", help="folder: write the card without evaluating the model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _progress_args(p)
 
 
 def _run_export(a: argparse.Namespace) -> int:
@@ -266,7 +331,9 @@ def _run_cv(a: argparse.Namespace) -> int:
         recipe, overrides = None, [recipe, *overrides]
     if recipe is None and not overrides:
         raise VitforgeError("cv needs a recipe YAML or key=value overrides (e.g. data.train=data/train)")
-    cv = CrossValidation(load_config(find_recipe(recipe) if recipe else None, overrides), a.folds, tta=a.tta)
+    cfg = load_config(find_recipe(recipe) if recipe else None, overrides)
+    configure_progress(mode=cfg.run.progress)  # the out-of-fold predictions follow run.progress, as training does
+    cv = CrossValidation(cfg, a.folds, tta=a.tta)
     summary = cv.run()
     if summary is None:
         return 130
@@ -293,6 +360,41 @@ def _run_pseudo(a: argparse.Namespace) -> int:
     r = pseudo_label(a.sources, a.images, out=out, threshold=a.threshold, tta=a.tta, overwrite=a.overwrite,
                      batch_size=a.batch_size, device=a.device)
     print(format_result(r))
+    return 0
+
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cv_dirs", nargs="+", metavar="CV_DIR", help="finished `vitforge cv` directories of the same data")
+    p.add_argument("--images", help="folder of test images to predict (omit to only compare the rules out-of-fold)")
+    p.add_argument("--out", help="CSV to write (with --images)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--method", choices=METHODS, default="stack",
+                   help="what the CSV uses: stack (logistic regression on the members' out-of-fold predictions), "
+                        "weighted (the --weights auto rule) or mean (default stack)")
+    p.add_argument("--features", choices=FEATURES, default="logits",
+                   help="meta-learner inputs: each member's logits (log p - mean log p; one weight per member then "
+                        "reproduces it) or its raw probabilities (default logits)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default 1)")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    _inference_args(p)
+    _csv_args(p)
+
+
+def _run_stack(a: argparse.Namespace) -> int:
+    if bool(a.images) != bool(a.out):
+        raise VitforgeError("--images and --out go together: both to write predictions, neither to only compare")
+    fmt = _csv_format(a) if a.out else None
+    if a.out:
+        check_output(a.out, overwrite=a.overwrite)  # before the models run
+    r = stack_predict(a.cv_dirs, a.images, method=a.method, C=a.C, kind=a.features, batch_size=a.batch_size,
+                      device=a.device)
+    c = r["comparison"]
+    if a.json:
+        print(json.dumps({k: v for k, v in c.items() if k != "fit_rows"}, indent=2))
+    else:
+        print(format_comparison(c))
+    if a.out:  # with --json, stdout holds only the JSON object
+        _write_predictions(r, a, fmt, f"{a.method} of {' + '.join(r['models'])}", sys.stderr if a.json else None)
     return 0
 
 
@@ -375,6 +477,8 @@ VERBS: dict[str, Verb] = {
                _run_cv),
     "pseudo-label": Verb("label unlabeled images where the fold/model ensemble is confident and unanimous",
                          _pseudo_args, _run_pseudo),
+    "stack": Verb("stack K-fold CVs: logistic regression on out-of-fold probabilities vs mean and weighted averaging",
+                  _stack_args, _run_stack),
     "models": Verb("list registered models with parameter counts", _models_args, _run_models),
     "info": Verb("parameters, per-stage output shapes and FLOPs/MACs per image of a model", _info_args, _run_info),
     "verify-attention": Verb("check attention shapes and softmax rows of a model", _verify_args, _run_verify),
@@ -415,6 +519,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def batch_size_arg(text: str) -> int | None:
+    """argparse type: "auto" (None) or an integer >= 1."""
+    return None if text == "auto" else positive_int(text)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -427,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[console])
     logging.getLogger("vitforge").setLevel(logging.INFO)
+    if hasattr(args, "progress"):
+        configure_progress(args.progress, args.progress_every)
     try:
         return VERBS[args.verb].run(args)
     except VitforgeError as e:

@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from vitforge.errors import ConfigError
 from vitforge.eval.ensemble import predict_ensemble
 from vitforge.eval.metrics import label_metrics
 from vitforge.eval.tta import check_tta_name
+from vitforge.progress import duration
 from vitforge.train.trainer import Trainer
 
 log = logging.getLogger("vitforge")
@@ -121,6 +123,8 @@ class CrossValidation:
     def run(self) -> dict | None:
         """Train the unfinished folds; returns the summary, or None when a fold was interrupted (Ctrl-C)."""
         self._start()
+        start, trained = time.monotonic(), 0
+        todo = sum(str(k) not in self.progress()["done"] for k in range(self.folds))
         for k in range(self.folds):
             if str(k) in self.progress()["done"]:
                 _say(f"fold {k + 1}/{self.folds}: done earlier, skipped")
@@ -131,8 +135,11 @@ class CrossValidation:
                 _say(f"fold {k + 1}/{self.folds} interrupted; rerun the same command to resume it")
                 return None
             self._record(k, result)
+            trained += 1
+            spent = time.monotonic() - start
+            left = f", about {duration(spent / trained * (todo - trained))} left" if trained < todo else ""
             _say(f"fold {k + 1}/{self.folds}: out-of-fold accuracy {result['accuracy']:.2f}%, "
-                 f"macro-F1 {result['macro_f1']:.4f} ({result['n']} images)")
+                 f"macro-F1 {result['macro_f1']:.4f} ({result['n']} images); {duration(spent)} elapsed{left}")
         return self._summarise()
 
     def _run_fold(self, k: int) -> dict | None:

@@ -13,7 +13,6 @@ folder, `label` a class name; the scores are kept so a later round can raise the
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -21,27 +20,8 @@ import numpy as np
 
 from vitforge.errors import VitforgeError
 from vitforge.eval.ensemble import predict_ensemble
+from vitforge.eval.members import expand_sources
 from vitforge.outputs import check_output
-
-
-def expand_sources(sources) -> list[Path]:
-    """Checkpoints of the ensemble: a CV directory (with cv.json) gives its fold runs; run dirs and files as given."""
-    out: list[Path] = []
-    for s in [sources] if isinstance(sources, (str, Path)) else sources:
-        p = Path(s).expanduser()
-        if (p / "cv.json").is_file():
-            folds = json.loads((p / "cv.json").read_text())["folds"]
-            runs = [p / f"fold_{k}" for k in range(folds)]
-            missing = [r.name for r in runs if not (r / "checkpoints" / "best.pt").is_file()]
-            if missing:
-                raise VitforgeError(f"{p}: fold(s) {', '.join(missing)} have no best.pt yet; finish the CV first "
-                                    f"(rerun `vitforge cv` with the same arguments)")
-            out += runs
-        else:
-            out.append(p)
-    if not out:
-        raise VitforgeError("give at least one CV directory, run directory or checkpoint")
-    return out
 
 
 def select_pseudo_labels(probs: np.ndarray, per_model_probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -58,7 +38,7 @@ def select_pseudo_labels(probs: np.ndarray, per_model_probs: np.ndarray, thresho
 
 
 def pseudo_label(sources, images: str | Path, *, out: str | Path, threshold: float = 0.98, tta: str = "none",
-                 overwrite: bool = False, batch_size: int = 256, device: str = "auto") -> dict:
+                 overwrite: bool = False, batch_size: int | None = None, device: str = "auto") -> dict:
     """Predict `images` with the ensemble of `sources` and write the confident, agreed images to `out` (CSV).
 
     Returns:

@@ -1,25 +1,30 @@
 """Ensembles of checkpoints (different architectures and input sizes), with test-time augmentation.
 
-Each checkpoint runs over the same images through its own evaluation stream (its own input size, normalisation and
+Each model runs over the same images through its own evaluation stream (its own input size, normalisation and
 crop from the checkpoint), optionally with a TTA view set; its softmax probabilities are then averaged across
 models with optional weights. The class lists must be identical (same names, same order).
 
+Members: each path given is a checkpoint, a run directory or a CV directory (all its folds, equal shares of the
+member's weight). Weights are one per member, or "auto": from each member's held-out log-loss
+(`vitforge.eval.members`). Members that share preprocessing (e.g. folds) share one stream: each image is decoded once.
+
 Stable API for other commands (K-fold CV, pseudo-labelling):
 
-    predict_ensemble(checkpoints, images, *, tta="none", weights=None, batch_size=256, device="auto") -> {
+    predict_ensemble(checkpoints, images, *, tta="none", weights=None, batch_size=None, device="auto") -> {
         "ids": list[str] (N),            item names as the source gives them (paths relative to a folder)
         "probs": np.ndarray (N, K),      weighted mean over models of each model's (TTA-averaged) probabilities
         "per_model_probs": np.ndarray (M, N, K),
         "classes": list[str] (K),
         "unreadable": list[str],         items skipped because they could not be decoded (or not by every model)
-        "checkpoints", "models", "weights" (normalised, sum 1), "tta"
+        "checkpoints", "models", "weights" (per checkpoint, normalised, sum 1), "tta",
+        "members": [{"source", "kind", "checkpoints", "weight", "held_out"}]  (held_out with weights="auto")
     }
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +32,12 @@ import torch
 
 from vitforge.data.dataset import Split
 from vitforge.errors import CheckpointError, VitforgeError
-from vitforge.eval.evaluate import topk_metrics
 from vitforge.eval.loading import load_for_inference
-from vitforge.eval.metrics import classification_metrics, format_metrics
-from vitforge.eval.predict import autocast_factory, eval_stream_for, stream_for_split
-from vitforge.eval.tta import check_tta_name, collect_probs, keep_views, trained_invariances, tta_views
+from vitforge.eval.members import auto_weights, expand_members
+from vitforge.eval.metrics import classification_metrics, format_metrics, topk_metrics
+from vitforge.eval.predict import autocast_factory, eval_batch_size, eval_stream_for, stream_for_split
+from vitforge.eval.tta import check_tta_name, collect_probs_many, keep_views, trained_invariances, tta_views
+from vitforge.progress import Progress
 from vitforge.runtime import inference_device
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,7 @@ class EnsembleOutput:
     models: list[str]
     unreadable: list[str]
     tta: str
+    members: list[dict] = field(default_factory=list)
 
     @property
     def probs(self) -> np.ndarray:
@@ -77,26 +84,67 @@ class EnsembleOutput:
         return np.tensordot(np.asarray(self.weights, dtype=np.float32), self.per_model_tta, axes=1)
 
 
-def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: str = "none", batch_size: int = 256,
-              device: str | torch.device = "auto") -> ModelOutput:
+MAX_SHARED = 8  # models of one shared stream held in memory together
+
+
+def run_model(checkpoint: str | Path, data: str | Split, *, labeled: bool, tta: str = "none",
+              batch_size: int | None = None, device: str | torch.device = "auto") -> ModelOutput:
     """Probabilities of one model over `data` (a dataset spec or a `Split`), with and without TTA; `checkpoint` is
     anything `load_for_inference` reads (checkpoint, run directory, exported folder, safetensors, ONNX)."""
+    return run_models([checkpoint], data, labeled=labeled, tta=tta, batch_size=batch_size, device=device)[0]
+
+
+def run_models(checkpoints, data: str | Split, *, labeled: bool, tta: str = "none", batch_size: int | None = None,
+               device: str | torch.device = "auto") -> list[ModelOutput]:
+    """Probabilities of several models over `data`, in the order given.
+
+    Consecutive models with the same preprocessing (input size, normalisation, crop; e.g. the folds of a CV) share
+    one evaluation stream: each image is decoded and resized once and every model of the group runs on the batch
+    (up to MAX_SHARED models in memory together). `batch_size` None picks one for the device (`eval_batch_size`).
+
+    Raises:
+        CheckpointError: a model's classes differ from the first one's (named).
+    """
     dev = inference_device(device) if isinstance(device, str) else device
-    model, meta = load_for_inference(checkpoint, device=dev)
+    outputs: list[ModelOutput] = []
+    group: list[tuple[torch.nn.Module, dict]] = []
+    first: dict | None = None
+    for c in checkpoints:
+        model, meta = load_for_inference(c, device=dev)
+        first = first or meta
+        check_classes([(first["path"], list(first["classes"])), (meta["path"], list(meta["classes"]))])
+        if group and (meta["preprocess"] != group[0][1]["preprocess"] or len(group) == MAX_SHARED):
+            outputs += _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
+            group = []
+        group.append((model, meta))
+    return outputs + _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
+
+
+def _run_group(loaded: list[tuple[torch.nn.Module, dict]], data: str | Split, *, labeled: bool, tta: str,
+               batch_size: int | None, device: torch.device) -> list[ModelOutput]:
+    meta = loaded[0][1]
+    bs = batch_size or eval_batch_size(device, int(meta["preprocess"]["img_size"]))
     if isinstance(data, Split):
-        stream = stream_for_split(meta, data, batch_size=batch_size, device=dev)
+        stream = stream_for_split(meta, data, batch_size=bs, device=device)
     else:
-        stream = eval_stream_for(meta, data, labeled=labeled, batch_size=batch_size, device=dev)
-    # A model trained without flips (or random crops) never saw mirrored (or shifted) images: no such views.
-    every = tta_views(tta, mean=stream.mean, std=stream.std)
-    views = keep_views(every, **trained_invariances(meta))
-    if len(views) < len(every):
-        log.warning("%s was trained without flips or random crops: --tta %s uses %d view(s): %s", meta["path"], tta,
-                    len(views), ", ".join(v.name for v in views))
-    plain, avg, labels, idx = collect_probs(model, stream, views, autocast=autocast_factory(dev))
+        stream = eval_stream_for(meta, data, labeled=labeled, batch_size=bs, device=device)
+    views = []
+    for _, m in loaded:
+        # A model trained without flips (or random crops) never saw mirrored (or shifted) images: no such views.
+        every = tta_views(tta, mean=stream.mean, std=stream.std)
+        views.append(keep_views(every, **trained_invariances(m)))
+        if len(views[-1]) < len(every):
+            log.warning("%s was trained without flips or random crops: --tta %s uses %d view(s): %s", m["path"], tta,
+                        len(views[-1]), ", ".join(v.name for v in views[-1]))
+    names = ", ".join(dict.fromkeys(m["model_name"] for _, m in loaded))
+    n_views = max(len(v) for v in views)
+    desc = f"{names}{f' x{len(loaded)}' if len(loaded) > 1 else ''}" + (f" ({n_views} views)" if n_views > 1 else "")
+    with Progress(desc, total=len(stream.ids), unit="img") as bar:
+        probs, labels, idx = collect_probs_many([m for m, _ in loaded], views, stream,
+                                                autocast=autocast_factory(device), progress=bar)
     ids = [stream.ids[i] for i in idx.tolist()]
-    return ModelOutput(meta["path"], meta["model_name"], list(meta["classes"]), ids, labels.cpu().numpy(),
-                       plain.cpu().numpy(), avg.cpu().numpy(), stream.bad)
+    return [ModelOutput(m["path"], m["model_name"], list(m["classes"]), ids, labels.cpu().numpy(), plain.cpu().numpy(),
+                        avg.cpu().numpy(), stream.bad) for (_, m), (plain, avg) in zip(loaded, probs, strict=True)]
 
 
 def normalize_weights(weights, n: int) -> list[float]:
@@ -105,21 +153,23 @@ def normalize_weights(weights, n: int) -> list[float]:
         return [1.0 / n] * n
     w = [float(v) for v in weights]
     if len(w) != n:
-        raise VitforgeError(f"--weights: {len(w)} weight(s) for {n} checkpoint(s); give one per checkpoint")
+        raise VitforgeError(f"--weights: {len(w)} weight(s) for {n} checkpoint(s) or directories; give one per "
+                            f"checkpoint, run or CV directory, or auto")
     if any(v < 0 or not np.isfinite(v) for v in w) or sum(w) <= 0:
         raise VitforgeError(f"--weights: must be non-negative with a positive sum, got {w}")
     return [v / sum(w) for v in w]
 
 
-def check_classes(outputs: list[ModelOutput]) -> list[str]:
-    """The shared class list; a checkpoint whose classes differ from the first one's is named in the error."""
-    ref = outputs[0]
-    for o in outputs[1:]:
-        if o.classes != ref.classes:
+def check_classes(models: list[tuple[str, list[str]]]) -> list[str]:
+    """The shared class list of (checkpoint, classes) pairs; one whose classes differ from the first one's is named
+    in the error."""
+    ref, ref_classes = models[0]
+    for path, classes in models[1:]:
+        if classes != ref_classes:
             raise CheckpointError(
-                f"{o.checkpoint}: its classes {_short(o.classes)} differ from those of {ref.checkpoint} "
-                f"{_short(ref.classes)}; an ensemble needs the same classes in the same order")
-    return ref.classes
+                f"{path}: its classes {_short(classes)} differ from those of {ref} {_short(ref_classes)}; an "
+                f"ensemble needs the same classes in the same order")
+    return ref_classes
 
 
 def _short(names: list[str], n: int = 8) -> str:
@@ -143,17 +193,23 @@ def align(outputs: list[ModelOutput]) -> tuple[list[str], list[np.ndarray], list
 
 
 def run_ensemble(checkpoints, data: str | Split, *, labeled: bool, tta: str = "none", weights=None,
-                 batch_size: int = 256, device: str = "auto") -> EnsembleOutput:
-    """Run every checkpoint over `data` and align their probabilities (see the module docstring)."""
-    checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
-    if not checkpoints:
-        raise VitforgeError("give at least one checkpoint or run directory")
-    w = normalize_weights(weights, len(checkpoints))
+                 batch_size: int | None = None, device: str = "auto") -> EnsembleOutput:
+    """Run every member's checkpoints over `data` and align their probabilities (see the module docstring)."""
+    members = expand_members(checkpoints)
     check_tta_name(tta)  # before loading anything
-    outputs = []
-    for ckpt in checkpoints:
-        outputs.append(run_model(ckpt, data, labeled=labeled, tta=tta, batch_size=batch_size, device=device))
-        check_classes(outputs)
+    scores = None
+    if isinstance(weights, str):
+        if weights != "auto":
+            raise VitforgeError(f"--weights: expected numbers or auto, got {weights!r}")
+        member_w, scores = auto_weights(members)
+    else:
+        member_w = normalize_weights(weights, len(members))
+    w = [mw / len(m.checkpoints) for m, mw in zip(members, member_w, strict=True) for _ in m.checkpoints]
+    info = [{"source": m.source, "kind": m.kind, "checkpoints": [str(c) for c in m.checkpoints], "weight": mw,
+             "held_out": asdict(scores[i]) if scores else None} for i, (m, mw) in enumerate(zip(members, member_w,
+                                                                                               strict=True))]
+    checkpoints = [c for m in members for c in m.checkpoints]
+    outputs = run_models(checkpoints, data, labeled=labeled, tta=tta, batch_size=batch_size, device=device)
     ids, rows, dropped = align(outputs)
     bad = sorted(set(dropped).union(*(o.unreadable for o in outputs)))
     return EnsembleOutput(
@@ -161,20 +217,22 @@ def run_ensemble(checkpoints, data: str | Split, *, labeled: bool, tta: str = "n
         per_model=np.stack([o.plain[r] for o, r in zip(outputs, rows, strict=True)]),
         per_model_tta=np.stack([o.tta[r] for o, r in zip(outputs, rows, strict=True)]),
         weights=w, checkpoints=[o.checkpoint for o in outputs], models=[o.model for o in outputs],
-        unreadable=bad, tta=tta)
+        unreadable=bad, tta=tta, members=info)
 
 
-def predict_ensemble(checkpoints, images: str | Split, *, tta: str = "none", weights=None, batch_size: int = 256,
-                     device: str = "auto") -> dict:
+def predict_ensemble(checkpoints, images: str | Split, *, tta: str = "none", weights=None,
+                     batch_size: int | None = None, device: str = "auto") -> dict:
     """Class probabilities of an ensemble (or one model) for every image; see the module docstring for the dict.
 
     Args:
-        checkpoints: checkpoint files or run directories (one or several; a single path is accepted too).
+        checkpoints: checkpoint files, run directories or CV directories (one or several; a single path is
+            accepted too); each is one member.
         images: a folder of images (recursive), any dataset spec `vitforge train` accepts (labels are ignored),
             or a `Split` (e.g. a held-out fold).
         tta: view set name (`vitforge.eval.tta.TTA_SETS`).
-        weights: one non-negative weight per checkpoint (normalised to sum 1); None = equal weights.
-        batch_size: images per forward pass (per view).
+        weights: one non-negative weight per member (normalised to sum 1); None = equal weights; "auto" = from
+            each member's held-out log-loss (`vitforge.eval.members`).
+        batch_size: images per forward pass (per view); None = `eval_batch_size` for the device.
         device: "auto", "cpu", "cuda", "cuda:1", ...
 
     Raises:
@@ -185,7 +243,7 @@ def predict_ensemble(checkpoints, images: str | Split, *, tta: str = "none", wei
                        device=device)
     return {"ids": ens.ids, "probs": ens.probs_tta, "per_model_probs": ens.per_model_tta, "classes": ens.classes,
             "unreadable": ens.unreadable, "checkpoints": ens.checkpoints, "models": ens.models,
-            "weights": ens.weights, "tta": tta}
+            "weights": ens.weights, "tta": tta, "members": ens.members}
 
 
 def ensemble_metrics(ens: EnsembleOutput) -> dict:
@@ -208,13 +266,13 @@ def _model_summary(ckpt: str, name: str, plain: np.ndarray, tta: np.ndarray, lab
             "top1_tta": b["top1"]}
 
 
-def evaluate_ensemble(checkpoints, data: str | Split, *, tta: str = "none", weights=None, batch_size: int = 256,
-                      device: str = "auto") -> dict:
+def evaluate_ensemble(checkpoints, data: str | Split, *, tta: str = "none", weights=None,
+                      batch_size: int | None = None, device: str = "auto") -> dict:
     """All metrics (`classification_metrics`) of an ensemble (or one model) on a labelled dataset.
 
     Returns the ensemble's metrics without TTA at the top level, `with_tta` (same keys, or None for tta="none"),
     `top1_tta`, `per_model` [{checkpoint, model, loss, top1, top5, top1_tta}], and `checkpoint`, `model`, `data`,
-    `tta`, `weights`, `unreadable`.
+    `tta`, `weights` (per checkpoint), `members` (as `predict_ensemble`'s), `unreadable`.
     """
     ens = run_ensemble(checkpoints, data, labeled=True, tta=tta, weights=weights, batch_size=batch_size,
                        device=device)
@@ -223,7 +281,7 @@ def evaluate_ensemble(checkpoints, data: str | Split, *, tta: str = "none", weig
     m.update(checkpoint=ens.checkpoints[0] if one else " + ".join(ens.checkpoints),
              model=ens.models[0] if one else f"ensemble({', '.join(ens.models)})",
              data=data if isinstance(data, str) else data.source.origin, tta=tta, weights=ens.weights,
-             unreadable=ens.unreadable)
+             members=ens.members, unreadable=ens.unreadable)
     return m
 
 

@@ -6,8 +6,9 @@ Loss and top-k are computed on the device (`topk_metrics`); the per-class table 
 scikit-learn on the CPU copy of the (N,) predictions; calibration is 15 equal-width confidence bins (Guo et al.
 2017, "On Calibration of Modern Neural Networks", eq. 3).
 
-Units: `top1`, `top5` and `per_class_top1` are percentages (as everywhere in vitforge); precision, recall, F1,
-ECE and the reliability bins are fractions in [0, 1].
+Units: `top1`, `top5` and `per_class_top1` are percentages (as everywhere in vitforge); precision, recall, F1, ECE
+and the reliability bins are fractions in [0, 1]. `top5` is None for 5 classes or fewer, where it would be 100% by
+construction.
 """
 
 from __future__ import annotations
@@ -19,20 +20,30 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, preci
 
 ECE_BINS = 15
 TOP_PAIRS = 10
+TOPK = 5
+
+
+def has_topk(num_classes: int, k: int = TOPK) -> bool:
+    """Top-k accuracy is informative only for k < number of classes (else it is 100% by construction)."""
+    return k < num_classes
 
 
 def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """loss, top1, top5 (percent), per-class accuracy; labels < 0 (unlabeled) are ignored."""
+    """loss, top1, top5 (percent), per-class accuracy; labels < 0 (unlabeled) are ignored.
+
+    `top5` is None when there are at most 5 classes: the 5 highest scores then cover every class, so a "top-5
+    accuracy" would be 100% whatever the model does.
+    """
     keep = labels >= 0
     logits, labels = logits[keep], labels[keep]
     n = labels.numel()
     if n == 0:
         return {"n": 0}
     loss = F.cross_entropy(logits, labels).item()
-    k = min(5, logits.shape[1])
+    k = min(TOPK, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     hit1 = top[:, 0] == labels
-    hitk = (top == labels[:, None]).any(dim=1)
+    hitk = (top == labels[:, None]).any(dim=1) if has_topk(logits.shape[1]) else None
     per_class = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, hit1.float())
     counts = torch.bincount(labels, minlength=num_classes).float()
     acc = (per_class / counts.clamp(min=1) * 100).tolist()
@@ -40,7 +51,7 @@ def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
         "n": n,
         "loss": loss,
         "top1": hit1.float().mean().item() * 100,
-        "top5": hitk.float().mean().item() * 100,
+        "top5": hitk.float().mean().item() * 100 if hitk is not None else None,
         "per_class_top1": [a if c > 0 else None for a, c in zip(acc, counts.tolist(), strict=True)],
     }
 
@@ -188,8 +199,8 @@ def confused_pairs(cm: np.ndarray, classes: list[str], top: int = TOP_PAIRS) -> 
 
 def format_metrics(m: dict, *, title: str) -> str:
     """Human-readable block: headline numbers, the per-class table and the most-confused pairs."""
-    lines = [f"{title}: {m['n']} images  loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
-             f"ECE {m['ece']:.4f}"]
+    top5 = f"  top-5 {m['top5']:.2f}%" if m["top5"] is not None else ""
+    lines = [f"{title}: {m['n']} images  loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%{top5}  ECE {m['ece']:.4f}"]
     lines.append(f"  {'class':>20s}  {'precision':>9s}  {'recall':>7s}  {'f1':>7s}  {'support':>7s}")
     rows = [(c, r) for c, r in m["per_class"].items()] + [(f"{a} avg", m[f"{a}_avg"]) for a in ("macro", "weighted")]
     for name, r in rows:

@@ -25,6 +25,24 @@ def autocast_factory(device: torch.device):
     return lambda: autocast(device, dtype)
 
 
+CPU_BATCH_PIXELS = 4 * 224 * 224  # pixels per forward pass on a CPU (see eval_batch_size)
+ACCEL_BATCH = 256
+
+
+def eval_batch_size(device: torch.device, img_size: int) -> int:
+    """Images per forward pass when none is given: 256 on a GPU; on a CPU as many as make about four 224-px images
+    (4 at 224 px, 1 at 384 px, 256 at 32 px), rounded down to a power of two.
+
+    On a CPU a large batch is slower, not faster: the activations of 256 images at 224 px are gigabytes, which the
+    allocator maps fresh from the kernel for every layer (page faults: more system than user time) and which do not
+    stay in cache. `benchmarks/eval_cpu.py` measures it.
+    """
+    if device.type != "cpu":
+        return ACCEL_BATCH
+    n = max(1, CPU_BATCH_PIXELS // max(1, img_size * img_size))
+    return min(ACCEL_BATCH, 1 << (n.bit_length() - 1))
+
+
 def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, device: torch.device,
                     num_workers: int = 2):
     """An evaluation stream over `data` preprocessed the way the checkpoint's model expects.

@@ -28,6 +28,7 @@ from vitforge.errors import DataError, VitforgeError
 from vitforge.eval import figures
 from vitforge.eval.ensemble import ensemble_metrics, run_ensemble
 from vitforge.eval.tta import trained_invariances
+from vitforge.progress import Progress
 from vitforge.version import __version__
 
 GRID = 36  # a 6x6 prediction grid, as in the evaluation of kiki101robo/AIRL_VIT-and-SAM2 `q1.ipynb`
@@ -172,8 +173,10 @@ def _cards(m: dict) -> str:
     if t:
         d = t["top1"] - m["top1"]
         items.append((f"{t['top1']:.2f}%", f"top-1 with TTA {m['tta']} ({d:+.2f})"))
-    items += [(f"{m['top5']:.2f}%", "top-5"), (f"{m['loss']:.4f}", "loss"), (f"{m['macro_avg']['f1']:.4f}", "macro F1"),
-              (f"{m['ece']:.4f}", "ECE"), (f"{m['n']:,}", "validation images")]
+    if m["top5"] is not None:
+        items.append((f"{m['top5']:.2f}%", "top-5"))
+    items += [(f"{m['loss']:.4f}", "loss"), (f"{m['macro_avg']['f1']:.4f}", "macro F1"), (f"{m['ece']:.4f}", "ECE"),
+              (f"{m['n']:,}", "validation images")]
     return '<div class="cards">' + "".join(f"<div class=card><b>{html.escape(v)}</b><span>{html.escape(k)}</span>"
                                            "</div>" for v, k in items) + "</div>"
 
@@ -182,9 +185,10 @@ def _tta_table(m: dict) -> str:
     t = m["with_tta"]
     if not t:
         return "<p>Test-time augmentation was off (<code>--tta none</code>).</p>"
-    rows = [[name, f"{a['top1']:.2f}%", f"{a['top5']:.2f}%", f"{a['loss']:.4f}", f"{a['ece']:.4f}",
-             f"{a['macro_avg']['f1']:.4f}"] for name, a in (("no TTA", m), (f"TTA {m['tta']}", t))]
-    return _table(["", "top-1", "top-5", "loss", "ECE", "macro F1"], rows)
+    top5 = m["top5"] is not None
+    rows = [[name, f"{a['top1']:.2f}%", *([f"{a['top5']:.2f}%"] if top5 else []), f"{a['loss']:.4f}",
+             f"{a['ece']:.4f}", f"{a['macro_avg']['f1']:.4f}"] for name, a in (("no TTA", m), (f"TTA {m['tta']}", t))]
+    return _table(["", "top-1", *(["top-5"] if top5 else []), "loss", "ECE", "macro F1"], rows)
 
 
 def _class_table(m: dict) -> str:
@@ -248,7 +252,7 @@ def render_html(run: Path, m: dict, figs: list[Figure], ckpt: dict, env: dict, n
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------------
-def build_report(run: str | Path, *, data: str | None = None, tta: str = "flip-shift", batch_size: int = 256,
+def build_report(run: str | Path, *, data: str | None = None, tta: str = "flip-shift", batch_size: int | None = None,
                  device: str = "auto", out: str | Path | None = None) -> Path:
     """Evaluate a run's best checkpoint and write its report page; returns the path of index.html.
 
@@ -262,15 +266,19 @@ def build_report(run: str | Path, *, data: str | None = None, tta: str = "flip-s
     run = Path(run).expanduser()
     if not run.is_dir():
         raise VitforgeError(f"{run}: not a run directory")
-    ckpt = load_checkpoint(resolve(run))
-    val = validation_data(ckpt, data)
-    ens = run_ensemble([ckpt["path"]], val, labeled=True, tta=tta, batch_size=batch_size, device=device)
-    m = ensemble_metrics(ens)
-    m.update(data=data or f"held-out split of {checkpoint_config(ckpt).data.train}", tta=tta)
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    figs = make_figures(m, ens, read_metrics(run), image_loader(val, ens.ids))
-    page = render_html(run, m, figs, ckpt, environment(ckpt, summary), _notes(ckpt, tta, ens))
-    return _write(Path(out) if out else run / "report", page, figs, m)
+    with Progress(f"report {run.name}", unit="step") as bar:
+        bar.stage(f"report {run.name}: loading the checkpoint and the validation data")
+        ckpt = load_checkpoint(resolve(run))
+        val = validation_data(ckpt, data)
+        bar.stage(f"report {run.name}: evaluating (tta {tta})")
+        ens = run_ensemble([ckpt["path"]], val, labeled=True, tta=tta, batch_size=batch_size, device=device)
+        m = ensemble_metrics(ens)
+        m.update(data=data or f"held-out split of {checkpoint_config(ckpt).data.train}", tta=tta)
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        bar.stage(f"report {run.name}: drawing figures")
+        figs = make_figures(m, ens, read_metrics(run), image_loader(val, ens.ids))
+        page = render_html(run, m, figs, ckpt, environment(ckpt, summary), _notes(ckpt, tta, ens))
+        return _write(Path(out) if out else run / "report", page, figs, m)
 
 
 def _notes(ckpt: dict, tta: str, ens) -> list[str]:

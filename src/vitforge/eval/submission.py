@@ -112,6 +112,31 @@ def write_submission(pred: dict, out: str | Path, fmt: CsvFormat = CsvFormat(), 
     return path
 
 
+def class_distribution(pred: dict, top: int = 20) -> tuple[str, str | None]:
+    """(lines "class: count (share)" for the predicted classes, most frequent first (up to `top`), a warning or None).
+
+    The warning names the class when every image is predicted as one class of several: the symptom of a model that
+    collapsed (or a TTA/normalisation mismatch), worth seeing before a submission is uploaded.
+    """
+    classes = pred["classes"]
+    pred_idx = np.asarray(pred["probs"]).argmax(axis=1)
+    counts = np.bincount(pred_idx, minlength=len(classes))
+    n = int(counts.sum())
+    order = np.argsort(-counts, kind="stable")
+    shown = [k for k in order if counts[k]][:top]
+    lines = ["predicted classes:"] + [f"  {classes[k]}: {counts[k]} images ({100 * counts[k] / n:.1f}%)" for k in shown]
+    rest = int(np.count_nonzero(counts)) - len(shown)
+    if rest:
+        lines.append(f"  ... and {rest} more classes ({n - int(counts[shown].sum())} images)")
+    unused = len(classes) - int(np.count_nonzero(counts))
+    lines.append(f"  total: {n} images" + (f"; {unused} of {len(classes)} classes never predicted" if unused else ""))
+    warning = None
+    if n > 1 and len(classes) > 1 and counts.max() == n:
+        warning = (f"every one of the {n} images is predicted as {classes[int(counts.argmax())]!r}; check the model "
+                   f"(a collapsed or untrained model predicts one class) before using these predictions")
+    return "\n".join(lines), warning
+
+
 def format_from_args(*, kaggle: bool = False, **options) -> CsvFormat:
     """A CsvFormat from the default (or KAGGLE) with the options that were given (None = keep)."""
     base = KAGGLE if kaggle else CsvFormat()

@@ -258,21 +258,40 @@ def tta_probs(model: torch.nn.Module, x: torch.Tensor, views: list[View]) -> tup
     return plain, avg
 
 
-@torch.no_grad()
-def collect_probs(model: torch.nn.Module, stream, views: list[View], *, autocast=None):
+def collect_probs(model: torch.nn.Module, stream, views: list[View], *, autocast=None, progress=None):
     """(plain (N, K), tta (N, K), labels (N,), idx (N,)) over a stream, gathered from every DDP rank."""
-    was_training = model.training
-    model.eval()
-    plain, avg, labels, idxs = [], [], [], []
+    [(plain, avg)], labels, idx = collect_probs_many([model], [views], stream, autocast=autocast, progress=progress)
+    return plain, avg, labels, idx
+
+
+@torch.no_grad()
+def collect_probs_many(models: list[torch.nn.Module], views: list[list[View]], stream, *, autocast=None,
+                       progress=None):
+    """Several models over one stream: every batch is produced once and each model runs its views on it.
+
+    Returns ([(plain (N, K), tta (N, K)) per model], labels (N,), idx (N,)), gathered from every DDP rank.
+    `progress` (a `vitforge.progress.Progress`) is advanced by the images of each batch.
+    """
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    plain: list[list[torch.Tensor]] = [[] for _ in models]
+    avg: list[list[torch.Tensor]] = [[] for _ in models]
+    labels, idxs = [], []
     ctx = autocast or contextlib.nullcontext
     for x, y, idx in stream:
         with ctx():
-            p, a = tta_probs(model, x, views)
-        plain.append(p)
-        avg.append(a)
+            for j, (model, v) in enumerate(zip(models, views, strict=True)):
+                p, a = tta_probs(model, x, v)
+                plain[j].append(p)
+                avg[j].append(a)
         labels.append(y)
         idxs.append(idx)
-    model.train(was_training)
-    if not plain:
+        if progress is not None:
+            progress.update(len(y))
+    for m, mode in zip(models, was_training, strict=True):
+        m.train(mode)
+    if not labels:
         raise VitforgeError("no decodable images to evaluate")
-    return tuple(gather_cat(torch.cat(t)) for t in (plain, avg, labels, idxs))
+    probs = [(gather_cat(torch.cat(p)), gather_cat(torch.cat(a))) for p, a in zip(plain, avg, strict=True)]
+    return probs, gather_cat(torch.cat(labels)), gather_cat(torch.cat(idxs))

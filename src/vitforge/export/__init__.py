@@ -25,6 +25,7 @@ from vitforge.export.onnx import export_onnx
 from vitforge.export.pt2 import export_pt2
 from vitforge.export.torchscript import export_torchscript
 from vitforge.export.weights import export_safetensors
+from vitforge.progress import Progress
 
 FORMATS = ("folder", "pt2", "onnx", "safetensors", "torchscript")
 SUFFIX = {"folder": "", "pt2": ".pt2", "safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
@@ -80,9 +81,12 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     `default_output`)."""
     if fmt not in FORMATS:
         raise VitforgeError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    model, meta = load_model(checkpoint, device="cpu")
     path = Path(out) if out else default_output(checkpoint, fmt)
-    report = export_model(model, meta, fmt, path, overwrite=overwrite, tol=tol, batch_size=batch_size, **options)
+    with Progress(f"export {fmt}", unit="step") as bar:
+        bar.stage(f"export {fmt}: loading {checkpoint}")
+        model, meta = load_model(checkpoint, device="cpu")
+        bar.stage(f"export {fmt}: writing {path} and checking parity")
+        report = export_model(model, meta, fmt, path, overwrite=overwrite, tol=tol, batch_size=batch_size, **options)
     return {"checkpoint": meta["path"], **report}
 
 

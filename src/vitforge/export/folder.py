@@ -84,7 +84,8 @@ def export_folder(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = 
     files = [weights, cfg_file, card, *figures]
     r = report("folder", files, diff, tol, f"model rebuilt from {out.name}/ vs original, batches "
                f"{[len(x) for x in inputs]}", shape, "n/a")
-    r["card_metrics"] = {k: evaluation[k] for k in ("top1", "top5", "n") if k in evaluation} or None
+    r["card_metrics"] = {k: evaluation[k] for k in ("top1", "top5", "n")
+                         if evaluation.get(k) is not None} or None  # top5: more than 5 classes only
     r["card_note"] = evaluation.get("skipped")
     return r
 
@@ -145,8 +146,9 @@ def _front_matter(config: dict, m: dict, name: str, dataset: str) -> str:
         meta["model-index"] = [{"name": name, "results": [{
             "task": {"type": "image-classification", "name": "Image classification"},
             "dataset": {"name": dataset, "type": dataset, "split": m["data"]},
-            "metrics": [{"type": "accuracy", "value": round(m["top1"], 2), "name": "top-1 accuracy (%)"},
-                        {"type": "accuracy", "value": round(m["top5"], 2), "name": "top-5 accuracy (%)"}]}]}]
+            "metrics": [{"type": "accuracy", "value": round(m["top1"], 2), "name": "top-1 accuracy (%)"}] +
+                       ([{"type": "accuracy", "value": round(m["top5"], 2), "name": "top-5 accuracy (%)"}]
+                        if m.get("top5") is not None else [])}]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -228,10 +230,11 @@ def _metrics(m: dict, meta: dict) -> str:
         stored = meta.get("metrics") or {}
         note = m.get("skipped", "not evaluated")
         if stored.get("top1") is not None:
-            return (f"Top-1 {stored['top1']:.2f}%, top-5 {stored.get('top5', float('nan')):.2f}% on "
-                    f"{stored.get('n', '?')} validation images (recorded by the training run; the card's own "
-                    f"evaluation: {note}).\n")
+            top5 = f", top-5 {stored['top5']:.2f}%" if stored.get("top5") is not None else ""
+            return (f"Top-1 {stored['top1']:.2f}%{top5} on {stored.get('n', '?')} validation images (recorded by the "
+                    f"training run; the card's own evaluation: {note}).\n")
         return f"No validation metrics ({note}).\n"
-    rows = [["top-1", f"{m['top1']:.2f}%"], ["top-5", f"{m['top5']:.2f}%"], ["loss", f"{m['loss']:.4f}"],
-            ["macro F1", f"{m['macro_avg']['f1']:.4f}"], ["ECE", f"{m['ece']:.4f}"], ["images", f"{m['n']:,}"]]
+    rows = [["top-1", f"{m['top1']:.2f}%"], *([["top-5", f"{m['top5']:.2f}%"]] if m.get("top5") is not None else []),
+            ["loss", f"{m['loss']:.4f}"], ["macro F1", f"{m['macro_avg']['f1']:.4f}"], ["ECE", f"{m['ece']:.4f}"],
+            ["images", f"{m['n']:,}"]]
     return f"Evaluated from this folder's files on the {m['data']}:\n\n" + _table(["metric", "value"], rows) + "\n"

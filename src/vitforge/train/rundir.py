@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vitforge.config import Config, to_dict, to_yaml
 from vitforge.errors import ConfigError
+from vitforge.progress import resolve_mode
 
 log = logging.getLogger("vitforge")
 
@@ -166,9 +167,7 @@ class Progress:
     """Batches and epochs: a tqdm bar on a terminal, plain lines otherwise (or nothing)."""
 
     def __init__(self, mode: str, enabled: bool):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "plain"
-        self.mode = mode if enabled else "none"
+        self.mode = resolve_mode(mode) if enabled else "none"
         self.bar = None
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:

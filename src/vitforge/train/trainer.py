@@ -480,7 +480,9 @@ class Trainer:
                 D.broadcast_buffers(self.ema)
         model = self.ema.module if (self.ema is not None and cfg.ema.eval) else self.raw_model
         m = evaluate(model, self.val_stream, len(self.classes), autocast=self.autocast)
-        rec = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
+        rec = {"val_loss": m["loss"], "val_top1": m["top1"], "val_n": m["n"]}
+        if m["top5"] is not None:  # only for more than 5 classes
+            rec["val_top5"] = m["top5"]
         if m["top1"] > st.best_top1:
             st.best_top1, st.best_epoch, st.evals_since_best = m["top1"], st.epoch, 0
             rec["best"] = True
@@ -701,7 +703,8 @@ def _weight_checksums(model: nn.Module) -> list[float]:
 def _epoch_line(r: dict, epochs: int) -> str:
     s = f"epoch {r['epoch'] + 1}/{epochs}  loss {r['train_loss']:.4f}  lr {r['lr']:.2e}"
     if "val_top1" in r:
-        s += f"  val_loss {r['val_loss']:.4f}  val_top1 {r['val_top1']:.2f}%  val_top5 {r['val_top5']:.2f}%"
+        s += f"  val_loss {r['val_loss']:.4f}  val_top1 {r['val_top1']:.2f}%"
+        s += f"  val_top5 {r['val_top5']:.2f}%" if r.get("val_top5") is not None else ""
         s += " *" if r.get("best") else ""
     return s + f"  {r['img_per_s']:.0f} img/s  {r['epoch_seconds']:.1f}s"
 
