@@ -73,15 +73,17 @@ def test_a_task_shorter_than_the_interval_prints_nothing_and_none_never_prints()
     assert term.getvalue() == ""
 
 
-def test_stages_print_at_once_and_unknown_totals_have_no_eta():
+def test_stages_wait_for_the_interval_and_unknown_totals_have_no_eta():
     pipe, clock = io.StringIO(), Clock()
     with Progress("export onnx", mode="plain", every=10, stream=pipe, clock=clock) as p:
-        p.stage("export onnx: writing model.onnx and checking parity")
+        p.stage("export onnx: writing model.onnx and checking parity")  # at 0 s: quiet (a quick failure is one line)
         clock.t += 75
         p.update(1)
-    assert pipe.getvalue().splitlines() == ["export onnx: writing model.onnx and checking parity (0 s elapsed)",
-                                            "export onnx: writing model.onnx and checking parity: 1 it, 0.0133 it/s, "
-                                            "1 min 15 s elapsed"]
+        clock.t += 11
+        p.stage("export onnx: verifying")  # 11 s after the last line: shown at once
+    assert pipe.getvalue().splitlines() == ["export onnx: writing model.onnx and checking parity: 1 it, 0.0133 it/s, "
+                                            "1 min 15 s elapsed",
+                                            "export onnx: verifying (1 min 26 s elapsed)"]
 
 
 def test_configure_sets_the_defaults_and_validates():

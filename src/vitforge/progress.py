@@ -118,12 +118,16 @@ class Progress:
                 self._line(now)
 
     def stage(self, text: str) -> None:
-        """A new step of a task without countable units (e.g. "parity check"): shown at once in either mode."""
+        """A new step of a task without countable units (e.g. "parity check"). A bar shows it at once; in plain
+        mode it is printed when `every` seconds have passed since the last line (else the next periodic line
+        carries it), so a command that fails or ends quickly prints nothing but its result or its one-line error."""
         self.desc = text
         if self.bar is not None:
             self.bar.set_description_str(text)
         elif self.mode == "plain":
-            self._line(self.clock(), status=False)
+            now = self.clock()
+            if now - self.last >= self.every:
+                self._line(now, status=False)
 
     def line(self, now: float | None = None) -> str:
         """The plain status line."""
