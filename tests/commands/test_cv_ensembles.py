@@ -193,7 +193,7 @@ def test_folds_sharing_a_stream_predict_as_they_do_alone(cvs):
 def test_export_and_report_show_their_steps(cvs, tmp_path, capsys):
     run = cvs["cnx"] / "fold_0"
     assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"),
-                 "--progress", "plain"]) == 0
+                 "--progress", "plain", "--progress-every", "0"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"export safetensors: loading {run} (")
     assert err[1].startswith(f"export safetensors: writing {tmp_path / 'm.safetensors'} and checking parity (")

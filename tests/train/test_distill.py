@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +10,7 @@ import torch.nn.functional as F
 from vitforge.config import DistillConfig
 from vitforge.errors import ConfigError
 from vitforge.models.registry import create_model
+from vitforge.train import distill
 from vitforge.train.distill import DistillationLoss, build_criterion, build_teacher, hard_kd, soft_kd
 from vitforge.train.losses import ClassificationLoss
 
@@ -130,7 +128,7 @@ def test_build_teacher_from_checkpoint_uses_load_model(monkeypatch, tmp_path):
         calls.append((str(p), device))
         return create_model("vit_demo", num_classes=K).train(), {"model_name": "vit_demo"}
 
-    monkeypatch.setitem(sys.modules, "vitforge.checkpoint", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr(distill, "load_model", load_model)
     teacher = build_teacher(str(path), num_classes=K, device="cpu")
     assert calls == [(str(path), "cpu")]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

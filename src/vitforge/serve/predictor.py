@@ -83,7 +83,7 @@ class Predictor:
                 log.warning("%s was trained without flips or random crops: --tta %s uses %d view(s): %s",
                             meta["path"], tta, len(views), ", ".join(v.name for v in views))
             self.models.append(ServedModel(meta["path"], model, meta, inputs, views, weight))
-            check_classes(self.models)
+            check_classes([(m.checkpoint, m.classes) for m in self.models])
         self.classes = self.models[0].classes
         self._lock = threading.Lock()
 
