@@ -29,16 +29,7 @@ from vitforge.errors import VitforgeError, first_line
 from vitforge.eval.ensemble import ensemble_metrics, run_ensemble
 from vitforge.eval.loading import CONFIG_FILE, WEIGHTS_FILE, load_for_inference
 from vitforge.eval.report import image_loader, make_figures, read_metrics, validation_data
-from vitforge.export.verify import (
-    LogitsModule,
-    example_inputs,
-    export_config,
-    guard_outputs,
-    input_shape,
-    max_abs_diff,
-    reference,
-    report,
-)
+from vitforge.export.verify import LogitsModule, reference, start_export
 from vitforge.outputs import usual_mode
 
 log = logging.getLogger(__name__)
@@ -65,9 +56,9 @@ def export_folder(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = 
         raise VitforgeError(f"--out {out}: exists and is not empty; pass --overwrite to replace the export files "
                             "in it")
     weights, cfg_file, card = out / WEIGHTS_FILE, out / CONFIG_FILE, out / CARD_FILE
-    guard_outputs([weights, cfg_file, card], overwrite)
-    shape = input_shape(model, meta)
-    config = export_config(meta, shape, model)
+    p = start_export(model, meta, [weights, cfg_file, card], overwrite=overwrite, batch_size=batch_size, tol=tol,
+                     as_float=False)
+    config = p.config
     classes = config["classes"]
     config.update(library_name="vitforge", num_labels=len(classes), id2label={str(i): c for i, c in enumerate(classes)},
                   label2id={c: i for i, c in enumerate(classes)})
@@ -75,15 +66,13 @@ def export_folder(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = 
         {k: config[k] for k in ("model_name", "classes")})})
     usual_mode(weights)
     cfg_file.write_text(json.dumps(config, indent=2) + "\n")
-    inputs = example_inputs(shape, batch_size)
     rebuilt, _ = load_for_inference(out)
-    diff = max_abs_diff(reference(LogitsModule(rebuilt), inputs), reference(LogitsModule(model), inputs))
+    ours = reference(LogitsModule(rebuilt), p.inputs)
     evaluation = _evaluate(out, meta, data) if evaluate else {"skipped": "not evaluated (--no-eval)"}
     figures = _write_figures(out, evaluation.pop("figures", []))
     card.write_text(model_card(config, meta, evaluation, figures, run_summary(meta)), encoding="utf-8")
     files = [weights, cfg_file, card, *figures]
-    r = report("folder", files, diff, tol, f"model rebuilt from {out.name}/ vs original, batches "
-               f"{[len(x) for x in inputs]}", shape, "n/a")
+    r = p.result("folder", files, ours, f"model rebuilt from {out.name}/ vs original, batches {p.batches}", "n/a")
     r["card_metrics"] = {k: evaluation[k] for k in ("top1", "top5", "n")
                          if evaluation.get(k) is not None} or None  # top5: more than 5 classes only
     r["card_note"] = evaluation.get("skipped")

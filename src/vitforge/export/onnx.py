@@ -23,17 +23,7 @@ import torch
 import torch.nn as nn
 
 from vitforge.errors import VitforgeError, first_line
-from vitforge.export.verify import (
-    LogitsModule,
-    example_inputs,
-    export_config,
-    guard_outputs,
-    input_shape,
-    max_abs_diff,
-    quiet_tracing,
-    reference,
-    report,
-)
+from vitforge.export.verify import quiet_tracing, start_export
 
 OPSET = 17  # legacy exporter
 OPSET_DYNAMO = 18  # the lowest opset the dynamo exporter emits
@@ -81,17 +71,13 @@ def export_onnx(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = Fa
     onnx, ort = _require_onnx()
     if exporter not in EXPORTERS:
         raise VitforgeError(f"--onnx-exporter: must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    guard_outputs([out], overwrite)
-    module = LogitsModule(model).float()
-    shape = input_shape(model, meta)
-    inputs = example_inputs(shape, batch_size, single=True)
-    ref = reference(module, inputs)  # before exporting: the export must not be able to change what it is compared to
+    p = start_export(model, meta, [out], overwrite=overwrite, batch_size=batch_size, tol=tol, single=True)
     name = meta.get("model_name", "the model")
-    config = json.dumps(export_config(meta, shape, model))
+    config = json.dumps(p.config)
     fallback = None
     for path in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
         try:
-            opset = (_export_dynamo if path == "dynamo" else _export_legacy)(module, inputs[0], out)
+            opset = (_export_dynamo if path == "dynamo" else _export_legacy)(p.module, p.inputs[0], out)
         except Exception as e:  # exporters raise many types (UserError, OnnxExporterError, RuntimeError, ...)
             out.unlink(missing_ok=True)
             reason = f"{path} exporter failed: {first_line(e, 200)}"
@@ -104,17 +90,18 @@ def export_onnx(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = Fa
         _add_metadata(onnx, out, config)
         try:  # onnxruntime may refuse the graph (an operator it lacks at this opset) or a batch size (fixed axis)
             session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            diff, failed = max_abs_diff([session.run(["logits"], {"images": x.numpy()})[0] for x in inputs], ref), None
+            ours, failed = [session.run(["logits"], {"images": x.numpy()})[0] for x in p.inputs], None
         except Exception as e:
-            diff, failed = float("inf"), first_line(e, 200)
+            ours, failed = None, first_line(e, 200)
+        diff = p.diff(ours)
         if path == "dynamo" and exporter == "auto" and not diff <= tol:
             fallback = f"dynamo export failed the check: {failed or f'off by {diff:.3e} (> {tol:.0e})'}"
             log.info("%s: %s; trying the legacy exporter", name, fallback)
             continue
-        check = (f"onnxruntime {ort.__version__} vs PyTorch, batches {[len(x) for x in inputs]}, opset {opset}, "
-                 f"{path} exporter" + (f"; onnxruntime failed: {failed}" if failed else ""))
-        return {**report("onnx", [out], diff, tol, check, shape, _attention_impl(model)), "exporter": path,
-                "fallback": fallback}
+        check = (f"onnxruntime {ort.__version__} vs PyTorch, batches {p.batches}, opset {opset}, {path} exporter"
+                 + (f"; onnxruntime failed: {failed}" if failed else ""))
+        return {**p.result("onnx", [out], ours, check, _attention_impl(model)),
+                "exporter": path, "fallback": fallback}
     raise AssertionError("unreachable: the legacy exporter either returns or raises")
 
 

@@ -15,17 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vitforge.export.verify import (
-    LogitsModule,
-    example_inputs,
-    export_config,
-    guard_outputs,
-    input_shape,
-    max_abs_diff,
-    quiet_tracing,
-    reference,
-    report,
-)
+from vitforge.export.verify import quiet_tracing, start_export
 
 EXTRA_FILE = "vitforge.json"
 
@@ -33,19 +23,13 @@ EXTRA_FILE = "vitforge.json"
 def export_torchscript(model: nn.Module, meta: dict, out: Path, *, overwrite: bool = False, tol: float = 1e-4,
                        batch_size: int = 2) -> dict:
     """Write a traced TorchScript archive (config in its extra file `vitforge.json`), reload it and check it."""
-    guard_outputs([out], overwrite)
-    module = LogitsModule(model).float()
-    shape = input_shape(model, meta)
-    inputs = example_inputs(shape, batch_size)
-    ref = reference(module, inputs)
+    p = start_export(model, meta, [out], overwrite=overwrite, batch_size=batch_size, tol=tol)
     with quiet_tracing(), torch.no_grad():
-        traced = torch.jit.trace(module, inputs[0], check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(export_config(meta, shape, model))})
-        loaded = torch.jit.load(str(out), map_location="cpu")
-        ours = [loaded(x) for x in inputs]
-    diff = max_abs_diff(ours, ref)
-    check = f"reloaded TorchScript vs PyTorch, batches {[len(x) for x in inputs]}"
-    return report("torchscript", [out], diff, tol, check, shape, "traced")
+        traced = torch.jit.trace(p.module, p.inputs[0], check_trace=False)
+        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(p.config)})
+        loaded = torch.jit.load(str(out), map_location="cpu")  # the archive just written here
+        ours = [loaded(x) for x in p.inputs]
+    return p.result("torchscript", [out], ours, f"reloaded TorchScript vs PyTorch, batches {p.batches}", "traced")
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,3 +96,46 @@ def export_config(meta: dict, shape, model: nn.Module | None = None) -> dict:
             "input_shape": list(shape), "input": "float32 (B, C, S, S), RGB scaled to [0, 1] then (x - mean) / std",
             "output": "logits (B, K) in `classes` order", "source_checkpoint": meta.get("path"),
             "metrics": meta.get("metrics"), "config": meta.get("config"), "exported": provenance()}
+
+
+@dataclass
+class Parity:
+    """One export's check, prepared before anything is written: the exported function, its example inputs, the
+    original's outputs on them (computed first, so the export cannot change what it is compared to) and the export
+    config. `start_export` builds it; a format writes its files, runs its reloaded copy on `inputs` and calls
+    `result`."""
+
+    module: LogitsModule
+    shape: tuple[int, int, int]
+    inputs: list[torch.Tensor]
+    ref: list[torch.Tensor]
+    config: dict
+    tol: float
+
+    @property
+    def batches(self) -> list[int]:
+        return [len(x) for x in self.inputs]
+
+    def diff(self, ours: list | None) -> float:
+        """Largest |ours - original| over `inputs`; None (the export could not even run) is infinite."""
+        return float("inf") if ours is None else max_abs_diff(ours, self.ref)
+
+    def result(self, fmt: str, files: list[Path], ours: list | None, check: str, attention: str) -> dict:
+        """The export report: `ours` (the reloaded export's outputs on `inputs`, or None) against the original's."""
+        return report(fmt, files, self.diff(ours), self.tol, check, self.shape, attention)
+
+
+def start_export(model: nn.Module, meta: dict, files: list[Path], *, overwrite: bool, batch_size: int, tol: float,
+                 single: bool = False, as_float: bool = True) -> Parity:
+    """Refuse to replace `files` without `overwrite`, then prepare the parity check of `model` (see `Parity`).
+
+    `single` adds a batch of 1 (graphs with a symbolic batch axis); `as_float` exports a float32 copy of the function
+    (traced and compiled formats; safetensors and folder store the weights as they are).
+    """
+    guard_outputs(files, overwrite)
+    module = LogitsModule(model)
+    if as_float:
+        module = module.float()
+    shape = input_shape(model, meta)
+    inputs = example_inputs(shape, batch_size, single=single)
+    return Parity(module, shape, inputs, reference(module, inputs), export_config(meta, shape, model), tol)

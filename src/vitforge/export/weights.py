@@ -15,16 +15,7 @@ import torch.nn as nn
 from safetensors.torch import save_model
 
 from vitforge.eval.loading import load_safetensors_export
-from vitforge.export.verify import (
-    LogitsModule,
-    example_inputs,
-    export_config,
-    guard_outputs,
-    input_shape,
-    max_abs_diff,
-    reference,
-    report,
-)
+from vitforge.export.verify import LogitsModule, reference, start_export
 from vitforge.outputs import usual_mode
 
 
@@ -36,17 +27,14 @@ def export_safetensors(model: nn.Module, meta: dict, out: Path, *, overwrite: bo
                        batch_size: int = 2) -> dict:
     """Write `out` (.safetensors) and `out` with .json, rebuild the model from them and compare logits."""
     cfg_file = config_path(out)
-    guard_outputs([out, cfg_file], overwrite)
-    shape = input_shape(model, meta)
-    config = export_config(meta, shape, model)
-    save_model(model, str(out), metadata={"vitforge": json.dumps({k: config[k] for k in ("model_name", "classes")})})
+    p = start_export(model, meta, [out, cfg_file], overwrite=overwrite, batch_size=batch_size, tol=tol,
+                     as_float=False)
+    save_model(model, str(out), metadata={"vitforge": json.dumps({k: p.config[k] for k in ("model_name", "classes")})})
     usual_mode(out)  # safetensors writes 0600; an export is meant to be shared like any file the user writes
-    cfg_file.write_text(json.dumps(config, indent=2) + "\n")
-    inputs = example_inputs(shape, batch_size)
+    cfg_file.write_text(json.dumps(p.config, indent=2) + "\n")
     rebuilt, _ = load_safetensors_model(out)
-    diff = max_abs_diff(reference(LogitsModule(rebuilt), inputs), reference(LogitsModule(model), inputs))
-    return report("safetensors", [out, cfg_file], diff, tol, "model rebuilt from the files vs original, batches "
-                  f"{[len(x) for x in inputs]}", shape, "n/a")
+    return p.result("safetensors", [out, cfg_file], reference(LogitsModule(rebuilt), p.inputs),
+                    f"model rebuilt from the files vs original, batches {p.batches}", "n/a")
 
 
 def load_safetensors_model(path: str | Path) -> tuple[nn.Module, dict]:
