@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save_result  # noqa: E402
-from vitforge.registry import list_models  # noqa: E402
+from vitforge.models.registry import list_models  # noqa: E402
 
 from vitforge.errors import VitforgeError  # noqa: E402
 from vitforge.export import export_model  # noqa: E402
