@@ -218,3 +218,13 @@ def test_train_without_optional_trackers_needs_neither_package(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "mlflow", None)
     run = train(load_config(None, [*QUICK, "train.max_steps=1", f"run.dir={tmp_path}", "run.name=plain"]))
     assert (run / "metrics.jsonl").exists() and not (run / "wandb_run_id").exists()
+
+
+@pytest.mark.parametrize("override,key", [("run.wandb_project=a/b", "run.wandb_project"),
+                                          ("run.wandb_entity=''", "run.wandb_entity"),
+                                          ("run.wandb_tags=['']", "run.wandb_tags"),
+                                          ("run.mlflow_uri=''", "run.mlflow_uri"),
+                                          ("run.mlflow_experiment=''", "run.mlflow_experiment")])
+def test_tracker_options_are_validated(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(None, [override])

@@ -156,7 +156,7 @@ class Trainer:
             if p.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(p.device)
 
-            for window in micro_batches(p.train_stream, t.grad_accum):
+            for window in micro_batches(p.train_stream, t.grad_accum):  # where micro-batches are formed (OOM back-off)
                 # ---- one optimizer step over the window's micro-batches
                 set_lr(p.optimizer, p.lr_for(st.step))
                 if st.step == 0 and not st.seen and t.verify_attention and p.dist.main:
