@@ -164,7 +164,7 @@ def train_session(args, overrides: list[str]) -> dict:
     trainer.hooks = Recorder(state, session, t0, args.stop_after, save)
     trainer.fit()
     session["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    session["end"] = "stopped" if getattr(trainer, "interrupted", False) else "finished"
+    session["end"] = "stopped" if trainer.interrupted else "finished"
     save()
     return state
 

@@ -487,7 +487,22 @@ class RunConfig:
     tensorboard: bool = True
     """Write TensorBoard event files."""
     wandb: str = "off"
-    """Weights & Biases logging: off, online or offline (needs the `wandb` package)."""
+    """Weights & Biases logging: off, online or offline (offline writes under the run directory and needs no
+    account; `wandb sync` uploads it later). Needs the `wandb` package: `pip install vitforge[wandb]`."""
+    wandb_project: str = "vitforge"
+    """W&B project the run is logged to."""
+    wandb_entity: str | None = None
+    """W&B entity (user or team); None = the account's default entity."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags of the run, e.g. [cifar10, baseline]."""
+    mlflow: bool = False
+    """MLflow logging (config as parameters, epoch metrics). Needs the `mlflow` package:
+    `pip install vitforge[mlflow]`."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; None = a file store in `<run dir>/mlruns` (no server; `mlflow ui --backend-store-uri
+    <run dir>/mlruns` shows it)."""
+    mlflow_experiment: str = "vitforge"
+    """MLflow experiment name."""
     progress: str = "auto"
     """Progress display: auto (bar on a terminal, plain lines otherwise), bar, plain or none."""
 
@@ -497,6 +512,15 @@ class RunConfig:
                    f"{self.name!r} must be a plain directory name")
         self.wandb = _yaml_bool(self.wandb, "off", "online")
         _choice("run.wandb", self.wandb, ("off", "online", "offline"))
+        _check("run.wandb_project", bool(self.wandb_project) and "/" not in self.wandb_project,
+               f"{self.wandb_project!r} must be a non-empty name without '/'")
+        if self.wandb_entity is not None:
+            _check("run.wandb_entity", bool(self.wandb_entity), "must be a non-empty name or null")
+        _check("run.wandb_tags", all(isinstance(t, str) and 0 < len(t) <= 64 for t in self.wandb_tags),
+               f"{list(self.wandb_tags)!r}: each tag must be a string of 1 to 64 characters")
+        if self.mlflow_uri is not None:
+            _check("run.mlflow_uri", bool(self.mlflow_uri), "must be a tracking URI or null (file store in the run)")
+        _check("run.mlflow_experiment", bool(self.mlflow_experiment), "must be a non-empty name")
         _choice("run.progress", self.progress, ("auto", "bar", "plain", "none"))
 
 

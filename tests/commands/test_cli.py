@@ -173,3 +173,19 @@ def test_demo_meets_its_bar(tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["val_images"] == 359 and s["best_val_top1"] >= 95.0, s
     assert f"run directory {run}" in r.stdout
+
+
+def test_train_leaves_the_process_group_when_the_run_ends(tmp_path):
+    """`vitforge train` destroys the process group at the end of its run (runtime.cleanup), here a one-process gloo
+    group standing in for torchrun's."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["train", "data.train=digits", "data.limit=64", "model.name=vit_demo", "model.args.depth=1",
+                     "data.batch_size=32", "train.max_steps=1", "run.tensorboard=false", *QUICK,
+                     f"run.dir={tmp_path}", "run.name=pg"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

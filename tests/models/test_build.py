@@ -68,7 +68,7 @@ def test_the_input_probe_changes_nothing(tmp_path, monkeypatch):
     """The probe runs before the first step: batch-norm statistics, train mode and the RNG stream are untouched."""
     def build(name: str, probe: bool) -> tuple[Trainer, torch.Tensor]:
         if not probe:
-            monkeypatch.setattr(Trainer, "_probe_input", lambda self: None)
+            monkeypatch.setattr("vitforge.train.setup._probe_input", lambda *args: None)
         torch.manual_seed(3)
         t = Trainer(load_config(None, [*BASE, "data.train=digits", "data.limit=100", "model.name=resnet18_cifar",
                                        "model.args.widths=[8,8,8,8]", "model.args.layers=[1,1,1,1]",

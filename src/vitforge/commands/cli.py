@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitforge import runtime
 from vitforge.commands.cv import CrossValidation
 from vitforge.commands.inspect import model_info, model_table, parse_kwargs
 from vitforge.commands.pseudo_label import format_result, pseudo_label
@@ -82,7 +83,10 @@ def _run_train(a: argparse.Namespace) -> int:
 
 
 def _fit(trainer) -> int:
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        runtime.cleanup()  # the run is over: leave torchrun's process group (a no-op for one process)
     return _exit_status(trainer)
 
 
@@ -96,7 +100,10 @@ def _run_demo(a: argparse.Namespace) -> int:
     cfg = load_config(RECIPES / "demo.yaml", a.overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
-    run = trainer.fit()
+    try:
+        run = trainer.fit()
+    finally:
+        runtime.cleanup()
     secs = time.perf_counter() - t0
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     best = summary.get("best_val_top1")
@@ -503,9 +510,9 @@ def _version() -> str:
 
 def _exit_status(trainer) -> int:
     """0 when the run finished; 128 + the signal that stopped it (130 Ctrl-C, 143 SIGTERM) when it was saved early."""
-    if not getattr(trainer, "interrupted", False):
+    if not trainer.interrupted:
         return 0
-    return 128 + int(getattr(trainer, "stop_signal", None) or signal.SIGINT)
+    return 128 + int(trainer.stop_signal or signal.SIGINT)
 
 
 def positive_int(text: str) -> int:

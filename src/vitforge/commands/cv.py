@@ -153,7 +153,7 @@ class CrossValidation:
                     shutil.rmtree(run_dir)
                 trainer = Trainer(fold_config(self.cfg, self.dir, self.folds, k), hooks=self.hooks)
             trainer.fit()
-            if getattr(trainer, "interrupted", False):
+            if trainer.interrupted:
                 return None
         return self._oof(k, run_dir)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from vitforge.config import OptimConfig, ScheduleConfig
+from vitforge.config import Config, OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig, layer_id=None, num_layers: int | None = None) -> list[dict]:
@@ -51,9 +53,17 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
     return Lamb(clean, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def lr_at(step: int, *, total: int, warmup: int, peak: float, cfg: ScheduleConfig) -> float:
-    """Learning rate at optimizer step `step` (0-based): linear warmup from warmup_start·peak, then the decay shape
-    down to min_lr at `total` steps."""
+def lr_at(step: int, *, total: int, warmup: int, peak: float, cfg: ScheduleConfig, head_steps: int = 0,
+          head_lr: float | None = None) -> float:
+    """The learning rate at optimizer step `step` (0-based): the whole schedule, in one place.
+
+    The first `head_steps` steps (the head-only phase of two-phase fine-tuning) run at a constant `head_lr` (or
+    `peak`). The rest is its own schedule: linear warmup over `warmup` steps from warmup_start·peak, then the decay
+    shape (`cfg.name`: cosine, linear or constant) down to `cfg.min_lr` at step `total`.
+    """
+    if step < head_steps:
+        return head_lr or peak
+    step, total = step - head_steps, total - head_steps
     if warmup > 0 and step < warmup:
         start = cfg.warmup_start * peak
         return start + (peak - start) * step / warmup
@@ -63,6 +73,14 @@ def lr_at(step: int, *, total: int, warmup: int, peak: float, cfg: ScheduleConfi
     if cfg.name == "linear":
         return cfg.min_lr + (peak - cfg.min_lr) * (1 - t)
     return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def lr_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """`lr_at` with this run's settings (optim.lr, schedule.*, train.head_epochs/head_lr) turned into steps:
+    a function of the optimizer step alone."""
+    return functools.partial(lr_at, total=total_steps, warmup=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
+                             peak=cfg.optim.lr, cfg=cfg.schedule, head_steps=cfg.train.head_epochs * steps_per_epoch,
+                             head_lr=cfg.train.head_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

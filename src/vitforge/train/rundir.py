@@ -11,13 +11,44 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vitforge.config import Config, to_dict, to_yaml
-from vitforge.errors import ConfigError
+from vitforge.config import Config, to_yaml
+from vitforge.errors import CheckpointError, ConfigError
 from vitforge.progress import resolve_mode
 
 log = logging.getLogger("vitforge")
+
+
+@dataclass
+class RunState:
+    """Where the run is; saved in every checkpoint (as its `progress` field)."""
+
+    epoch: int = 0  # epoch being run (or next to run)
+    batch: int = 0  # next batch of that epoch
+    step: int = 0  # optimizer steps done
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    evals_since_best: int = 0
+    wall: float = 0.0  # training seconds so far (all sessions)
+    loss_sum: float = 0.0  # running sums of the current epoch (exact epoch metrics across resumes)
+    seen: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, d: dict, path: str) -> RunState:
+        """The state a checkpoint holds, each field of the type it has here (a number as a string would only fail
+        somewhere deep in the loop); anything else is a one-line `CheckpointError`."""
+        defaults = asdict(cls())
+        unknown = [k for k in d if k not in defaults]
+        bad = [k for k, v in d.items() if k not in unknown and not (
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (isinstance(defaults[k], float) or isinstance(v, int)))]
+        if unknown or bad:
+            k = (unknown or bad)[0]
+            raise CheckpointError(f"{path}: field 'progress' has " + (
+                f"an unknown key {str(k)[:40]!r}" if unknown else f"{k} = {str(d[k])[:40]!r}, not a number"))
+        return cls(**d)
 
 
 class RunDir:
@@ -163,8 +194,10 @@ def setup_file_logging(run: RunDir) -> logging.Handler:
     return handler
 
 
-class Progress:
-    """Batches and epochs: a tqdm bar on a terminal, plain lines otherwise (or nothing)."""
+class EpochReporter:
+    """What a training run shows while it runs: a tqdm bar over an epoch's batches on a terminal, one line per epoch
+    (plain lines when piped, nothing with `run.progress=none`). Not to be confused with `vitforge.progress.Progress`
+    (stage progress of the other verbs) or `RunState` (where the run is)."""
 
     def __init__(self, mode: str, enabled: bool):
         self.mode = resolve_mode(mode) if enabled else "none"
@@ -197,42 +230,3 @@ class Progress:
                 self.bar.write(line, file=sys.stderr)
             else:
                 print(line, file=sys.stderr, flush=True)
-
-
-class Trackers:
-    """TensorBoard (and optionally Weights & Biases) scalars, written on rank 0 only."""
-
-    def __init__(self, run: RunDir, cfg: Config, enabled: bool):
-        self.tb = None
-        self.wandb = None
-        if not enabled:
-            return
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run.path / "events"))
-        if cfg.run.wandb != "off":
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("run.wandb: the wandb package is not installed (pip install wandb)") from None
-            self.wandb = wandb.init(project="vitforge", name=run.path.name, dir=str(run.path), mode=cfg.run.wandb,
-                                    config=json.loads(json.dumps(_plain(cfg))), resume="allow")
-
-    def scalars(self, values: dict, step: int) -> None:
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and v == v:
-                if self.tb is not None:
-                    self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _plain(cfg: Config) -> dict:
-    return to_dict(cfg)
