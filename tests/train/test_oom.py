@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import vitforge.train.oom as oom_module
 from vitforge.config import load_config
 from vitforge.errors import ConfigError, VitforgeError
 from vitforge.train.oom import (
@@ -245,6 +246,8 @@ def test_backoff_state_round_trip_and_exact_resume(caplog):
     assert (accum2.micro_batch, accum2.accum) == (8, 8)
     with pytest.raises(ValueError, match="its batch_size 32 is not this run's data.batch_size 64"):
         OomBackoff(64, 1).load_state_dict(saved["oom"])
+    with pytest.raises(ValueError, match="it is a list, not a mapping"):
+        OomBackoff(32, 1).load_state_dict([8])
     for bad in (0, 33, "8", 2.0, True, None):
         with pytest.raises(ValueError, match=r"its micro_batch .* is not a whole number in \[1, 32\]"):
             OomBackoff(32, 1).load_state_dict({**saved["oom"], "micro_batch": bad})
@@ -299,6 +302,21 @@ def test_auto_batch_size_skips_the_search_on_cpu(caplog):
     assert said == [f"data.batch_size=auto: no memory search on cpu; using {CPU_BATCH_SIZE}"]
     assert [r.getMessage() for r in caplog.records] == said
     assert auto_batch_size(tiny_model(), no_optimizer, (8,), 3, torch.device("cpu"), limit=20) == 20
+
+
+def test_auto_batch_size_on_cuda_searches_and_keeps_headroom(monkeypatch, caplog):
+    fake = FakeDevice(100)  # a pretend GPU that holds 100 images: the search itself, without CUDA
+    monkeypatch.setattr(oom_module, "trial_step", lambda *a, **k: fake)
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="vitforge"):
+        assert auto_batch_size(tiny_model(), torch.optim.SGD, (8,), 3, cuda, limit=10_000) == 90
+        assert auto_batch_size(tiny_model(), torch.optim.SGD, (8,), 3, cuda, limit=64) == 57
+        assert auto_batch_size(tiny_model(), torch.optim.SGD, (8,), 3, cuda, limit=10_000, headroom=0.5) == 50
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.batch_size=auto: 100 images fit in a trial step on cuda; using 90 (0.9 of it)",
+        "data.batch_size=auto: 64 images fit (the limit) in a trial step on cuda; using 57 (0.9 of it)",
+        "data.batch_size=auto: 100 images fit in a trial step on cuda; using 50 (0.5 of it)"]
+    assert max(fake.tried) <= oom_module.AUTO_LIMIT
 
 
 def test_trial_steps_run_the_optimizer_and_change_nothing():

@@ -119,8 +119,9 @@ class OomBackoff:
         say: also called with the one-line back-off message (e.g. the progress display); it is always logged.
 
     `micro_batch` is the size of each forward/backward pass; `accum` is the number of passes per optimizer step
-    (grad_accum x ceil(batch_size / micro_batch)): halving the micro-batch doubles it, and the effective batch
-    (batch_size x grad_accum) never changes.
+    (grad_accum x ceil(batch_size / micro_batch)): halving the micro-batch doubles it (for an odd micro-batch the
+    half is rounded up and the batch's last chunk is smaller), and the effective batch (batch_size x grad_accum)
+    never changes: the same images are split, not dropped.
     """
 
     def __init__(self, batch_size: int, grad_accum: int = 1, *, enabled: bool = True,
@@ -178,6 +179,8 @@ class OomBackoff:
     def load_state_dict(self, state: dict) -> None:
         """Continue with a saved micro-batch (`accum` follows from it and this run's `grad_accum`, which a resume may
         change). A state of another batch size or an impossible micro-batch is a ValueError naming the field."""
+        if not isinstance(state, dict):
+            raise ValueError(f"it is a {type(state).__name__}, not a mapping")
         size, micro = state.get("batch_size"), state.get("micro_batch")
         if size != self.batch_size:
             raise ValueError(f"its batch_size {size!r} is not this run's data.batch_size {self.batch_size}")
@@ -241,14 +244,13 @@ def trial_step(model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimi
     """A `try_step(b)` for `find_batch_size`: random images (b, *sample_shape) and labels through `model` in training
     mode, `loss_fn(outputs, labels, images)` (default cross-entropy, averaged over the heads of a tuple output),
     backward, and one step of a fresh `make_optimizer()` (its state -- Adam's two moments, SGD's momentum -- is
-    memory the run will hold). The weights change; `preserved(model)` undoes that."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    memory the run will hold). The weights and the random generators change; `preserved(model)` undoes that."""
 
     def step(b: int) -> None:
-        x = torch.randn((b, *sample_shape), generator=gen).to(device)
+        x = torch.randn((b, *sample_shape), device=device)  # drawn on the device: no host copy of a large batch
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, num_classes, (b,), generator=gen).to(device)
+        y = torch.randint(0, num_classes, (b,), device=device)
         optimizer = make_optimizer()
         try:
             model.train()
