@@ -249,10 +249,12 @@ class DataConfig:
     """Resize interpolation: bilinear, bicubic or nearest."""
     crop_pct: float = 1.0
     """Evaluation: resize to img_size / crop_pct, then centre-crop img_size."""
-    batch_size: int = 128
-    """Training batch size per process (before gradient accumulation)."""
+    batch_size: int | str = 128
+    """Training batch size per process (before gradient accumulation), or `auto`: the largest batch that fits in a
+    trial training step on the CUDA device, times 0.9 (on CPU/MPS no search: 32); the run's saved config holds the
+    number chosen, so a resume uses it (`vitforge.train.oom`)."""
     eval_batch_size: int | None = None
-    """Evaluation batch size; None = 2 x batch_size."""
+    """Evaluation batch size; None = 2 x batch_size (the resolved one when batch_size is auto)."""
     num_workers: int = 2
     """DataLoader worker processes (large-image path)."""
     device_cache: str = "auto"
@@ -276,7 +278,10 @@ class DataConfig:
             _check("data.fold", self.fold is not None and 0 <= self.fold < self.folds,
                    f"must be a fold index in [0, {self.folds}) when data.folds is set")
             _check("data.val", self.val is None, "cannot be combined with data.folds (the held-out fold validates)")
-        _check("data.batch_size", self.batch_size >= 1, "must be >= 1")
+        if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():  # "64" from a quoted YAML value
+            self.batch_size = int(self.batch_size)
+        ok = self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)
+        _check("data.batch_size", ok, f"{self.batch_size!r} is neither a whole number >= 1 nor auto")
         if self.eval_batch_size is not None:
             _check("data.eval_batch_size", self.eval_batch_size >= 1, "must be >= 1")
         if self.limit is not None:
@@ -295,6 +300,14 @@ class DataConfig:
         _check("data.max_image_pixels", self.max_image_pixels >= 1, "must be >= 1")
         self.device_cache = _yaml_bool(self.device_cache, "off", "on")
         _choice("data.device_cache", self.device_cache, ("auto", "on", "off"))
+
+    @property
+    def eval_batch(self) -> int | None:
+        """The evaluation batch: `eval_batch_size`, else 2 x `batch_size`; None while `batch_size` is still auto (the
+        caller's default applies)."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return 2 * self.batch_size if isinstance(self.batch_size, int) else None
 
 
 @dataclass

@@ -161,8 +161,7 @@ class CrossValidation:
         """Predict fold k's held-out images with its best checkpoint; write fold_<k>/oof.csv; fold metrics."""
         cfg = fold_config(self.cfg, self.dir, self.folds, k)
         val = open_data(cfg.data).val
-        pred = predict_ensemble([run_dir], val, tta=self.tta, batch_size=cfg.data.eval_batch_size or
-                                2 * cfg.data.batch_size, device=cfg.train.device)
+        pred = predict_ensemble([run_dir], val, tta=self.tta, batch_size=cfg.data.eval_batch, device=cfg.train.device)
         label_of = {val.source.ids[i]: int(val.labels[i]) for i in val.indices}
         labels = np.array([label_of[i] for i in pred["ids"]], dtype=np.int64)
         _write_oof(run_dir / "oof.csv", pred["ids"], k, labels, pred["probs"], pred["classes"])
