@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save_result  # noqa: E402
-from vitforge.models.registry import list_models  # noqa: E402
 
 from vitforge.errors import VitforgeError  # noqa: E402
 from vitforge.export import export_model  # noqa: E402
 from vitforge.export.verify import input_shape  # noqa: E402
 from vitforge.models.build import build_model, count_params  # noqa: E402
+from vitforge.models.registry import list_models  # noqa: E402
 
 
 def meta_for(model: torch.nn.Module, name: str) -> dict:

@@ -1,22 +1,16 @@
 """The out-of-memory back-off and data.batch_size=auto inside the trainer: a simulated CUDA OOM mid-run halves the
 micro-batch, gives the weights of a run without it (to float rounding), logs one line, and a stop/resume after it is
-bitwise exact; batch_size=auto on CPU trains at the documented default and the run's saved config holds the number.
-(Active once the trainer plugs in `vitforge.train.oom`.)"""
+bitwise exact; batch_size=auto on CPU trains at the documented default and the run's saved config holds the number."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import yaml
 
-import vitforge.train.trainer as trainer_module
 from vitforge.checkpoint import load_checkpoint
 from vitforge.config import load_config
 from vitforge.train.oom import CPU_BATCH_SIZE
 from vitforge.train.trainer import Trainer, train
-
-pytestmark = pytest.mark.skipif(not hasattr(trainer_module, "OomBackoff"),
-                                reason="the trainer does not plug in vitforge.train.oom yet")
 
 # No dropout, drop path, mixing or BatchNorm: the micro-batched gradients equal the whole batch's up to rounding.
 PLAIN = ["model.name=vit_demo", "data.train=digits", "data.limit=256", "data.aug.crop_padding=0",

@@ -25,7 +25,7 @@ from vitforge.train.trackers import (
     run_info,
     scalars,
 )
-from vitforge.train.trainer import Trainer, micro_batches, train
+from vitforge.train.trainer import Trainer, step_windows, train
 
 QUICK = ["model.name=vit_demo", "model.args.depth=1", "data.train=digits", "data.limit=80", "data.batch_size=16",
          "data.val_split=0.25", "train.epochs=2", "train.device=cpu", "run.progress=none", "train.threads=1",
@@ -97,10 +97,10 @@ def test_scalars_groups_train_and_val_numbers_and_drops_flags_and_nan():
     assert "val/loss" not in scalars(RECORDS[1])
 
 
-def test_micro_batches_groups_accum_batches_and_keeps_a_short_last_window():
+def test_step_windows_group_accum_batches_and_keeps_a_short_last_window():
     stream = [(i, -i, None) for i in range(5)]
-    assert [[x for x, _ in w] for w in micro_batches(stream, 2)] == [[0, 1], [2, 3], [4]]
-    assert [len(w) for w in micro_batches(stream, 1)] == [1] * 5
+    assert [[x for x, _ in w] for w in step_windows(stream, 2)] == [[0, 1], [2, 3], [4]]
+    assert [len(w) for w in step_windows(stream, 1)] == [1] * 5
 
 
 def test_jsonl_and_tensorboard_trackers_write_what_they_are_given(tmp_path):

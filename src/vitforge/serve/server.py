@@ -88,10 +88,20 @@ def bind(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as e:
         raise VitforgeError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    # proto=IPPROTO_TCP, not 0 (socket.create_server's): asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # connections whose socket says TCP (asyncio/base_events.py `_set_nodelay`); with Nagle on, every response
+    # written as headers + body waits for the client's delayed ACK, ~40 ms per request on Linux.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except OSError as e:
+        sock.close()
         raise VitforgeError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
 
 
 def warm_up(predictor: Predictor) -> None:

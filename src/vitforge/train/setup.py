@@ -1,8 +1,8 @@
 """Everything a run's configuration describes, built once before the loop: `build(cfg, ckpt)` -> `TrainSetup`.
 
     process group, device, trackers -> seeds and threads -> data -> model (+ initial weights) -> preprocessing ->
-    streams -> optimizer, AMP, input probe -> EMA -> loss -> steps and the lr schedule -> (resume: restored states)
-    -> DDP / compile
+    model on the device, AMP, input probe -> data.batch_size=auto resolved -> streams -> optimizer -> EMA -> loss ->
+    steps and the lr schedule -> OOM back-off -> (resume: restored states) -> DDP / compile
 
 Nothing here writes a file: a configuration that cannot run (a model that cannot take the data, a batch larger than
 the data, a tracker package that is not installed) fails here, before any run directory exists.
@@ -45,6 +45,7 @@ from vitforge.models.pretrained import load_state_strict
 from vitforge.train.distill import build_criterion
 from vitforge.train.ema import ModelEma
 from vitforge.train.losses import ClassificationLoss
+from vitforge.train.oom import OomBackoff, auto_batch_size
 from vitforge.train.optim import build_optimizer, lr_schedule, param_groups
 from vitforge.train.rundir import RunState
 from vitforge.train.trackers import Tracker, build_trackers
@@ -78,6 +79,8 @@ class TrainSetup:
     lr_for: Callable[[int], float]  # optimizer step -> learning rate (`optim.lr_at` with this run's settings)
     trackers: list[Tracker]  # started when the run directory exists
     state: RunState  # fresh, or restored from the checkpoint
+    oom: OomBackoff  # the micro-batch each forward/backward pass uses (halved on a device out-of-memory error)
+    notes: list[str]  # lines for the run's announcement (e.g. what data.batch_size=auto chose)
 
     def autocast(self):
         return D.autocast(self.device, self.amp_dtype)
@@ -120,6 +123,23 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
     pre = resolve_preprocess(cfg.data, data.train, model_input_cfg(model), pretrained=bool(cfg.model.pretrained),
                              device_cache=use_device_cache(data.train, cfg.data.device_cache), cache_dir=cache_dir)
 
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if t.grad_checkpointing:
+        if not supports_grad_checkpointing(model):
+            raise ConfigError(f"train.grad_checkpointing: model {cfg.model.name!r} does not support it")
+        model.set_grad_checkpointing(True)
+    amp_dtype = D.amp_dtype(t.amp, device)
+    shape = _input_shape(data.train.source, pre.img_size)
+    _probe_input(model, shape, device, amp_dtype, cfg)
+    notes: list[str] = []
+    if cfg.data.batch_size == "auto":  # resolved once: config.yaml and every checkpoint hold the number
+        cfg.data.batch_size = auto_batch_size(
+            model, lambda: build_optimizer(param_groups(model, cfg.optim), cfg.optim, device), shape, len(classes),
+            device, limit=max(1, len(data.train) // dist.world), autocast=lambda: D.autocast(device, amp_dtype),
+            channels_last=t.channels_last, say=notes.append)
+
     opt = StreamOptions(batch_size=cfg.data.batch_size, device=device, seed=t.seed, rank=dist.rank, world=dist.world,
                         num_workers=cfg.data.num_workers, device_cache=cfg.data.device_cache, cache_dir=cache_dir,
                         epochs=t.epochs)
@@ -133,18 +153,8 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
         opt.batch_size = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
         val_stream = build_eval_stream(data.val, pre, opt)
     unreadable = sorted(set(train_stream.bad + (val_stream.bad if val_stream is not None else [])))
-
-    model.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if t.grad_checkpointing:
-        if not supports_grad_checkpointing(model):
-            raise ConfigError(f"train.grad_checkpointing: model {cfg.model.name!r} does not support it")
-        model.set_grad_checkpointing(True)
     groups = param_groups(model, cfg.optim, *(layer_decay_ids(model) if cfg.optim.layer_decay else (None, None)))
     optimizer = build_optimizer(groups, cfg.optim, device)
-    amp_dtype = D.amp_dtype(t.amp, device)
-    _probe_input(model, data.train.source, pre.img_size, device, amp_dtype, cfg)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ema = ModelEma(model, cfg.ema.warmup, power=cfg.ema.warmup_power,
                    gamma=cfg.ema.warmup_gamma) if cfg.ema.enabled else None
@@ -154,9 +164,10 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
 
+    oom = OomBackoff(cfg.data.batch_size, t.grad_accum, enabled=not dist.enabled)  # DDP: a lone retry would hang
     state = RunState()
     if ckpt:
-        state = _restore(ckpt, model, optimizer, scaler, ema, dist, device)
+        state = _restore(ckpt, model, optimizer, scaler, ema, oom, dist, device)
     elif dist.enabled:  # different dropout/drop-path draws per rank (same weights: DDP broadcasts rank 0's at wrap)
         torch.manual_seed(t.seed + 1000 * dist.rank)
     return TrainSetup(cfg=cfg, dist=dist, device=device, data=data, classes=classes, raw_model=model,
@@ -164,14 +175,19 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
                       val_stream=val_stream, unreadable=unreadable, groups=groups, optimizer=optimizer,
                       amp_dtype=amp_dtype, scaler=scaler, ema=ema, criterion=criterion,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                      lr_for=lr_schedule(cfg, steps_per_epoch, total_steps), trackers=trackers, state=state)
+                      lr_for=lr_schedule(cfg, steps_per_epoch, total_steps), trackers=trackers, state=state, oom=oom,
+                      notes=notes)
 
 
-def _probe_input(model: nn.Module, source, img_size: int, device: torch.device, amp_dtype, cfg: Config) -> None:
-    """One zero image through the model (eval mode, no gradients; no state or RNG changes) before any run
+def _input_shape(source, img_size: int) -> tuple[int, ...]:
+    """One training input's shape: a feature tensor's (hyperspectral patches), else (3, S, S)."""
+    return tuple(source.features.shape[1:]) if isinstance(source, FeatureSource) else (3, img_size, img_size)
+
+
+def _probe_input(model: nn.Module, shape: tuple[int, ...], device: torch.device, amp_dtype, cfg: Config) -> None:
+    """One zero input of `shape` through the model (eval mode, no gradients; no state or RNG changes) before any run
     directory exists: a model that cannot take this data's input (channels, bands, size) is a one-line error
     naming the model here, not a traceback at the first training step."""
-    shape = tuple(source.features.shape[1:]) if isinstance(source, FeatureSource) else (3, img_size, img_size)
     x = torch.zeros((1, *shape), device=device)
     if cfg.train.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -214,7 +230,8 @@ def _wrap(model: nn.Module, cfg: Config, dist: D.DistInfo, device: torch.device)
 
 
 # ---- resume ------------------------------------------------------------------------------------------------------
-def _restore(ckpt: dict, model, optimizer, scaler, ema, dist: D.DistInfo, device: torch.device) -> RunState:
+def _restore(ckpt: dict, model, optimizer, scaler, ema, oom: OomBackoff, dist: D.DistInfo,
+             device: torch.device) -> RunState:
     """Model, optimizer, scaler, EMA, run state and RNG states from last.pt; a part that does not fit this run
     (a damaged or crafted file) is a one-line `CheckpointError` naming the file and the part."""
     path = ckpt["path"]
@@ -227,6 +244,9 @@ def _restore(ckpt: dict, model, optimizer, scaler, ema, dist: D.DistInfo, device
     if ema is not None and ckpt.get("ema"):
         load_state_strict(ema, ckpt["ema"], f"{path} (EMA weights)")
     state = RunState.from_checkpoint(ckpt["progress"], path)
+    if ckpt.get("oom"):  # the micro-batch an out-of-memory back-off had reached
+        with _restoring(path, "oom"):
+            oom.load_state_dict(ckpt["oom"])
     with _restoring(path, "rng"):
         rng = ckpt["rng"]
         if isinstance(rng, list):  # one state per rank (a different world size reuses them round-robin)

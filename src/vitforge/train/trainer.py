@@ -37,6 +37,7 @@ from vitforge.eval.verify import check_attention
 from vitforge.models.backbones import classifier_names
 from vitforge.train import sam
 from vitforge.train.ema import ema_decay_at
+from vitforge.train.oom import micro_batches
 from vitforge.train.optim import set_lr
 from vitforge.train.rundir import EpochReporter, RunDir, setup_file_logging
 from vitforge.train.setup import TrainSetup, build, rng_state
@@ -110,6 +111,7 @@ class Trainer:
             for tracker in p.trackers:  # metrics.jsonl (truncated to the resumed epoch), TensorBoard, W&B, MLflow
                 tracker.start(info)
             self._announce()
+            p.oom.say = self.reporter.message  # the back-off's one line also reaches the terminal
             old_signals = _install_signal_handlers(self)
             self._train()
         except StopRequested:
@@ -156,7 +158,7 @@ class Trainer:
             if p.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(p.device)
 
-            for window in micro_batches(p.train_stream, t.grad_accum):  # where micro-batches are formed (OOM back-off)
+            for window in step_windows(p.train_stream, t.grad_accum):  # the batches of one optimizer step
                 # ---- one optimizer step over the window's micro-batches
                 set_lr(p.optimizer, p.lr_for(st.step))
                 if st.step == 0 and not st.seen and t.verify_attention and p.dist.main:
@@ -216,18 +218,22 @@ class Trainer:
 
     def _forward_backward(self, window: list) -> torch.Tensor:
         """Gradients of the window's mean loss, accumulated over its micro-batches (DDP syncs on the last one only);
-        returns the summed loss·batch (on the device)."""
+        returns the summed loss·batch (on the device). A device out-of-memory error halves the micro-batch and
+        retries the window from its start (`train/oom.py`: same images, same effective batch)."""
+        p = self.parts
+        return p.oom.run(lambda size: self._passes(window, size), reset=lambda: p.optimizer.zero_grad(set_to_none=True))
+
+    def _passes(self, window: list, size: int) -> torch.Tensor:
         p = self.parts
         total = torch.zeros((), device=p.device, dtype=p.acc_dtype)
-        n = len(window)
-        for i, (x, y) in enumerate(window):
+        for x, y, weight, last in micro_batches(window, size):
             if self.cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            sync = p.model.no_sync() if p.dist.enabled and i < n - 1 else contextlib.nullcontext()
+            sync = p.model.no_sync() if p.dist.enabled and not last else contextlib.nullcontext()
             with sync:
                 with p.autocast():
                     loss = p.criterion(p.model(x), y, x)
-                scaled = loss / n
+                scaled = loss * weight  # its images' share of the step: 1 / grad_accum for a whole batch
                 (p.scaler.scale(scaled) if p.scaler is not None else scaled).backward()
             total += loss.detach().to(p.acc_dtype) * x.shape[0]
         return total
@@ -295,7 +301,7 @@ class Trainer:
                    "scaler": p.scaler.state_dict() if p.scaler is not None else None,
                    "ema": p.ema.state_dict() if p.ema is not None else None,
                    "eval_weights": "ema" if (p.ema is not None and self.cfg.ema.eval) else "model",
-                   "progress": asdict(p.state), "rng": rng}
+                   "progress": asdict(p.state), "rng": rng, "oom": p.oom.state_dict()}
         save_checkpoint(self.run.last, payload)
         D.barrier()
 
@@ -314,6 +320,8 @@ class Trainer:
                f"{len(d.train)} train / {len(d.val) if d.val else 0} val images, {len(p.classes)} classes | "
                f"device {p.device}{f' x{p.dist.world}' if p.dist.enabled else ''} | "
                f"input {p.pre.img_size}px | {p.steps_per_epoch} steps/epoch")
+        for note in p.notes:  # e.g. what data.batch_size=auto chose
+            msg += f" | {note}"
         if p.unreadable:
             msg += f" | {len(p.unreadable)} unreadable image(s) skipped (see train.log)"
             for b in p.unreadable:
@@ -347,9 +355,9 @@ class Trainer:
         self.reporter.message(f"done: {best}, {st.wall:.1f} s training | {self.run.path}")
 
 
-def micro_batches(stream: Iterable, accum: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The one place where micro-batches are grouped into optimizer steps: windows of `accum` (x, y) batches, the
-    last one shorter when the epoch's batch count is not a multiple of `accum`."""
+def step_windows(stream: Iterable, accum: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The batches of each optimizer step: windows of `accum` (x, y) batches, the last one shorter when the epoch's
+    batch count is not a multiple of `accum` (`_forward_backward` splits them into micro-batches)."""
     window: list = []
     for x, y, _ in stream:
         window.append((x, y))
