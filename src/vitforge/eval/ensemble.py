@@ -38,7 +38,7 @@ from vitforge.eval.metrics import classification_metrics, format_metrics, topk_m
 from vitforge.eval.predict import autocast_factory, eval_batch_size, eval_stream_for, stream_for_split
 from vitforge.eval.tta import check_tta_name, collect_probs_many, keep_views, trained_invariances, tta_views
 from vitforge.progress import Progress
-from vitforge.runtime import inference_device
+from vitforge.runtime import inference_device, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,13 @@ def run_models(checkpoints, data: str | Split, *, labeled: bool, tta: str = "non
         if group and (meta["preprocess"] != group[0][1]["preprocess"] or len(group) == MAX_SHARED):
             outputs += _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
             group = []
+            release_memory()  # that group's models and stream, before more are loaded
         group.append((model, meta))
-    return outputs + _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
+        del model
+    outputs += _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
+    del group
+    release_memory()
+    return outputs
 
 
 def _run_group(loaded: list[tuple[torch.nn.Module, dict]], data: str | Split, *, labeled: bool, tta: str,
