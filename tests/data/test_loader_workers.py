@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from vitforge.data import loader as L
-from vitforge.data.loader import SampleDataset, WorkerLoader, effective_workers, usable_cpus
+from vitforge.data.loader import SampleDataset, WorkerLoader, effective_workers
+from vitforge.runtime import usable_cpus
 
 WARNING = "worker processes in total"  # torch.utils.data.DataLoader's excessive-worker warning
 
@@ -42,7 +43,7 @@ def _loader(tmp_path: Path, workers: int) -> WorkerLoader:
 def test_workers_are_capped_persistent_and_warning_free(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(L, "_said", set())
     cores = usable_cpus()
-    assert cores == len(os.sched_getaffinity(0))
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
     asked = cores + 3
     with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, "vitforge.data"):
         warnings.simplefilter("always")

@@ -11,7 +11,6 @@ given batch, which is what makes mid-epoch resume exact.
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 
 import numpy as np
@@ -19,17 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitforge.data.images import ImageError
+from vitforge.runtime import usable_cpus
 
 log = logging.getLogger("vitforge.data")
-
-
-def usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's or `taskset`'s limit, not the machine's
-    core count); `os.cpu_count()` where the platform has no affinity call (macOS, Windows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 _said: set[tuple[int, int]] = set()
@@ -40,8 +31,8 @@ def effective_workers(requested: int) -> int:
 
     More worker processes than cores only time-slice one another (and the training step), and PyTorch's DataLoader
     then warns that it "will create N worker processes in total" (`_check_worker_number_rationality`, which compares
-    with the same affinity count), a warning a user cannot act on from vitforge. The cap is logged once per
-    (requested, usable) pair.
+    with the affinity count; `usable_cpus` is never more than that), a warning a user cannot act on from vitforge.
+    The cap is logged once per (requested, usable) pair.
     """
     cores = usable_cpus()
     n = min(max(0, requested), cores)
