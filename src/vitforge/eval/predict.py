@@ -50,9 +50,9 @@ def tta_forward_images(device: torch.device, img_size: int, batch_size: int) -> 
     """Images per forward pass when TTA views are stacked (`vitforge.eval.tta.tta_probs`): the batch itself on an
     accelerator (one view per pass); on a CPU about twelve 224-px images (three views of the default 4-image batch).
 
-    Twelve, not all twelve views of a batch at once: the largest activation then stays under glibc's 32 MiB mmap
-    ceiling (e.g. 12 x 32 x 112 x 112 float32 = 19 MiB for an EfficientNet stem), so with `prepare_cpu_inference`
-    no pass faults its memory in afresh; 48 images per pass measured half the user time of 4 but fault-bound.
+    Measured on 2 cores, EfficientNet-Lite0 at 224 px, saccadic12 on a batch of 4 (`benchmarks/eval_cpu.py
+    --passes`): user CPU 16.7 s with one view per pass, 9.7 s with twelve images per pass (48 per pass was about as
+    fast but faults more memory in); twelve bounds a pass's memory at three default CPU batches.
     """
     if device.type != "cpu":
         return batch_size
