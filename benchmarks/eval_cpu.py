@@ -2,6 +2,7 @@
 
     python benchmarks/eval_cpu.py --before f4b5c86 --name eval_tta_cpu          # 150 images, 2 classes, 224 px
     python benchmarks/eval_cpu.py --before f4b5c86 --images 48 --repeats 1 --name eval_tta_cpu_smoke
+    python benchmarks/eval_cpu.py --passes --name eval_tta_passes_cpu     # forward passes alone, in this process
 
 What it builds (deterministic, in a temporary folder): an ImageFolder of N JPEG photos of varied size (300-1200 px
 a side, smooth colour fields with grain, like real photos in size and entropy) in two classes, and a checkpoint of
@@ -13,6 +14,11 @@ alike). The older version's `src/` comes from `git archive REV`. Each run is a c
 `os.wait4`: wall seconds, user and system CPU seconds and minor page faults of the process and its DataLoader
 workers. The record holds medians, the ratios before/after, both runs' loss and top-1 (the results must agree), and
 the load average before and after (other processes on the machine).
+
+`--passes`: the TTA forward passes alone, in this process, on one random batch of 4 images (no decoding): one view
+per pass (`tta_probs` default) against stacked views (`--stack` images per pass), first with glibc's default malloc
+settings, then after `vitforge.runtime.prepare_cpu_inference()` (which cannot be undone, hence this order); user
+and system CPU seconds and minor page faults from `resource.getrusage`.
 """
 
 from __future__ import annotations
@@ -104,9 +110,54 @@ def summarise(runs: list[dict]) -> dict:
     return {f"median_{k}": statistics.median(r[k] for r in runs) for k in keys}
 
 
+def passes(a: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    from vitforge.checkpoint import load_model
+    from vitforge.eval.tta import tta_probs, tta_views
+    from vitforge.runtime import prepare_cpu_inference
+
+    tmp = Path(tempfile.mkdtemp(prefix="vitforge-evalcpu-"))
+    try:
+        ckpt = make_checkpoint(tmp / "model.pt", make_images(tmp / "val", 2), a.model, a.size)
+        model = load_model(ckpt)[0].eval()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    x = torch.randn(4, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
+    views = tta_views(a.tta, mean=torch.tensor([0.485, 0.456, 0.406]), std=torch.tensor([0.229, 0.224, 0.225]))
+    rows = []
+
+    def measure(case: str, max_images: int | None) -> None:
+        with torch.no_grad():
+            tta_probs(model, x, views, max_images=max_images)  # warm-up
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            for _ in range(a.repeats):
+                tta_probs(model, x, views, max_images=max_images)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+        rows.append({"case": case, "images_per_pass": max_images or len(x), "wall_s": round(time.perf_counter() - t0,
+                     2), "user_s": round(r1.ru_utime - r0.ru_utime, 2), "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
+                     "minor_faults": r1.ru_minflt - r0.ru_minflt})
+        print(json.dumps(rows[-1]), flush=True)
+
+    measure("one view per pass, glibc defaults", None)
+    measure(f"{a.stack} images per pass, glibc defaults", a.stack)
+    settings = prepare_cpu_inference()
+    measure("one view per pass, prepare_cpu_inference", None)
+    measure(f"{a.stack} images per pass, prepare_cpu_inference", a.stack)
+    what = (f"{a.repeats} x tta_probs over {len(views)} {a.tta} views of a batch of 4, {a.model} at {a.size} px, CPU, "
+            f"{torch.get_num_threads()} threads")
+    save_result(a.name, {"what": what, "settings": settings,
+                         "rows": rows, "loadavg_end": os.getloadavg(), "usable_cpus": len(os.sched_getaffinity(0))})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--before", required=True, help="git revision of the older vitforge (e.g. f4b5c86)")
+    ap.add_argument("--before", help="git revision of the older vitforge (e.g. f4b5c86); required without --passes")
+    ap.add_argument("--passes", action="store_true", help="measure the forward passes alone (see above)")
+    ap.add_argument("--stack", type=int, default=12, help="--passes: images per pass of the stacked case")
     ap.add_argument("--images", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tta", default="saccadic12")
@@ -115,6 +166,11 @@ def main() -> None:
     ap.add_argument("--after-args", nargs="*", default=[], help="extra eval options for the newer version only")
     ap.add_argument("--name", required=True, help="results file stem, e.g. eval_tta_cpu")
     a = ap.parse_args()
+    if a.passes:
+        passes(a)
+        return
+    if not a.before:
+        ap.error("--before is required (or --passes)")
 
     tmp = Path(tempfile.mkdtemp(prefix="vitforge-evalcpu-"))
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,26 @@ def test_process_group_helpers_over_two_gloo_ranks(tmp_path):
         assert r["objs"] == [{"rank": 0}, {"rank": 1}]
         assert r["bn_mean"] == [5.0, 5.0] and not r["still_initialized"]  # float buffers from rank 0
     assert (r0["bn_count"], r1["bn_count"]) == (0, 1)  # integer buffers are left alone
+
+
+def test_usable_cpus_follow_affinity_and_a_cgroup_quota(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: None)
+    assert runtime.usable_cpus() == affinity
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 0.5)  # docker --cpus=0.5
+    assert runtime.usable_cpus() == 1
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: affinity + 7.0)  # a quota above the cpuset: the cpuset
+    assert runtime.usable_cpus() == affinity
+
+
+def test_prepare_cpu_inference_caps_threads_and_keeps_freed_memory(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "usable_cpus", lambda: 1)
+        torch.set_num_threads(3)
+        assert runtime.prepare_cpu_inference() == {"threads": 1, "malloc": sys.platform == "linux"}
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(runtime, "usable_cpus", lambda: 4)
+        assert runtime.prepare_cpu_inference()["threads"] == 1  # a lower setting the caller chose is kept
+    finally:
+        torch.set_num_threads(before)

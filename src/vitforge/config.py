@@ -224,7 +224,8 @@ class HsiConfig:
 @dataclass
 class DataConfig:
     train: str = "digits"
-    """Training source: parquet file, ImageFolder dir, CIFAR batches dir, CSV (file,label), `digits`, `cifar10`."""
+    """Training source: parquet file, ImageFolder dir, CIFAR batches dir, CSV (file,label), `digits`, `cifar10`, or
+    `auto`: the ImageFolder or label CSV found under /kaggle/input or $VITFORGE_INPUT_ROOT (`vitforge.data.inputs`)."""
     val: str | None = None
     """Explicit validation source; if None, a stratified `val_split` of `train` is held out."""
     val_split: float = 0.1
@@ -256,7 +257,7 @@ class DataConfig:
     eval_batch_size: int | None = None
     """Evaluation batch size; None = 2 x batch_size (the resolved one when batch_size is auto)."""
     num_workers: int = 2
-    """DataLoader worker processes (large-image path)."""
+    """DataLoader worker processes (large-image path); capped at the usable cores, kept alive across epochs."""
     device_cache: str = "auto"
     """Small-image fast path (decode once, keep uint8 on the device): auto (images <= 64 px), on, off."""
     cache_dir: str | None = None

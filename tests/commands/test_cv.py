@@ -4,6 +4,7 @@ fold 1, out-of-fold predictions and metrics, rerun safety; and every Muffyn reci
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +170,36 @@ def test_muffyn_recipes_use_the_seed_augmentation_and_mix_in_phase_two(recipe):
     ops = train_transform(cfg.data.img_size, a, small=False).transforms[1:-1]
     assert [type(t).__name__ for t in ops] == ["Resize", "RandomResizedCrop", "RandomHorizontalFlip",
                                                "RandomRotation", "RandomAffine", "ColorJitter"]
+
+
+class FoldObjects:
+    """At each fold's first step: which earlier folds' model, optimizer and streams are still alive (weak refs)."""
+
+    def __init__(self):
+        self.refs: dict[int, list] = {}
+        self.alive_at_start: dict[int, list[int]] = {}
+
+    def on_step(self, trainer):
+        fold = trainer.cfg.data.fold
+        if fold in self.refs:
+            return
+        self.alive_at_start[fold] = [k for k, refs in self.refs.items() if any(r() is not None for r in refs)]
+        self.refs[fold] = [weakref.ref(o) for o in (trainer, trainer.model, trainer.optimizer, trainer.train_stream,
+                                                    trainer.val_stream)]
+
+
+def test_a_fold_frees_its_model_optimizer_and_streams_before_the_next_one(tmp_path):
+    """With automatic garbage collection off, only the explicit release between folds can free what a fold's
+    objects hold in reference cycles: nothing of fold 1 may be alive when fold 2 starts, or after the CV."""
+    data = make_image_folder(tmp_path / "train", per_class=6, size=8)
+    seen = FoldObjects()
+    gc.collect()
+    gc.disable()
+    try:
+        summary = run_cv(load_config(None, [f"data.train={data}", *TINY, "train.epochs=1", f"run.dir={tmp_path}",
+                                            "run.name=cv"]), 3, hooks=seen)
+        assert summary is not None and sorted(seen.refs) == [0, 1, 2]
+        assert seen.alive_at_start == {0: [], 1: [], 2: []}
+        assert all(r() is None for refs in seen.refs.values() for r in refs)
+    finally:
+        gc.enable()

@@ -197,3 +197,29 @@ def test_multi_head_outputs_are_averaged_before_softmax():
 
     x = batch()
     assert torch.allclose(forward_probs(TwoHeads(), x), torch.full((2, 3), 1 / 3))
+
+
+@pytest.mark.parametrize("max_images", [None, 2, 4, 6, 24, 1000])
+def test_stacked_views_give_the_same_probabilities_as_one_view_per_pass(max_images):
+    """tta_probs with several views per forward pass (the CPU default) equals one view per pass, for every chunking
+    (whole views per pass; a remainder pass included), on a model whose output depends on the batch only row-wise."""
+    model = PoolLinear().eval()
+    x = batch()
+    vs = views("saccadic12")
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    plain, avg = tta_probs(model, x, vs, max_images=max_images)
+    manual = sum(v.weight * F.softmax(model(v.fn(x)), dim=1) for v in vs)
+    assert torch.allclose(avg, manual, atol=1e-6) and torch.allclose(plain, model(x).softmax(1), atol=1e-6)
+    per_pass = max(1, (max_images or 2) // 2)  # batch() holds 2 images
+    expected = [2 * len(vs[i:i + per_pass]) for i in range(0, len(vs), per_pass)]
+    assert calls[:len(expected)] == expected
+
+
+def test_cpu_passes_stack_views_up_to_the_pixel_budget():
+    from vitforge.eval.predict import tta_forward_images
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert tta_forward_images(cpu, 224, 4) == 12 and tta_forward_images(cpu, 384, 1) == 4
+    assert tta_forward_images(cpu, 32, 256) == 588 and tta_forward_images(cpu, 224, 64) == 64  # never below batch
+    assert tta_forward_images(gpu, 224, 256) == 256  # one view per pass on an accelerator

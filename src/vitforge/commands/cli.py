@@ -21,6 +21,7 @@ from vitforge.commands.cv import CrossValidation
 from vitforge.commands.inspect import model_info, model_table, parse_kwargs
 from vitforge.commands.pseudo_label import format_result, pseudo_label
 from vitforge.config import load_config, to_yaml
+from vitforge.data.inputs import resolve_auto
 from vitforge.errors import VitforgeError
 from vitforge.eval.ensemble import evaluate_ensemble, format_eval, predict_ensemble
 from vitforge.eval.members import HeldOut, Member, describe_weights
@@ -67,6 +68,7 @@ def _run_train(a: argparse.Namespace) -> int:
         raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml), key=value overrides, "
                             "or --resume RUN")
     cfg = load_config(find_recipe(recipe) if recipe else None, overrides)
+    cfg.data.train = resolve_auto(cfg.data.train, "train")  # `auto`: the run records the path it found
     if a.dry_run:  # everything a run sets up (data, model, input check, teacher, optimizer), no run directory
         t = Trainer(cfg, download=False)
         print(to_yaml(t.cfg))
@@ -122,6 +124,10 @@ WEIGHTS_HELP = (
     "averaging probabilities changes, while accuracy ignores confidence and moves in steps of 1/N, so accuracy "
     "weights come out almost equal; exp(-L), not 1/L: bounded, so a lucky near-perfect member cannot take "
     "everything. The weights are printed (stderr). Default: equal per MODEL")
+
+
+IMAGES_HELP = ("folder of images (searched recursively), or auto: the test folder under /kaggle/input "
+               "($VITFORGE_INPUT_ROOT), the only image folder or the only one named test")
 
 
 def _model_set_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +194,7 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     _model_set_args(p)
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _csv_args(p)
@@ -215,8 +221,8 @@ def _run_predict(a: argparse.Namespace) -> int:
     fmt = _csv_format(a)
     weights = _weights(a.weights)
     check_output(a.out, overwrite=a.overwrite)  # before the models run
-    pred = predict_ensemble(a.checkpoints, a.images, tta=a.tta, weights=weights, batch_size=a.batch_size,
-                            device=a.device)
+    pred = predict_ensemble(a.checkpoints, resolve_auto(a.images, "test"), tta=a.tta, weights=weights,
+                            batch_size=a.batch_size, device=a.device)
     _print_weights(pred, weights)
     _write_predictions(pred, a, fmt, f"{' + '.join(pred['models'])}, tta {a.tta}")
     return 0
@@ -352,7 +358,7 @@ def _run_cv(a: argparse.Namespace) -> int:
 def _pseudo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="CV_DIR_OR_CKPT",
                    help="CV directories (all their folds) and/or run directories or checkpoints: the ensemble")
-    p.add_argument("--images", required=True, help="folder of unlabeled images (searched recursively)")
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
     p.add_argument("--out", help="CSV to write (file,label,score,...; use as data.extra=); default: "
                                  "pseudo_labels.csv in the first CV/run directory (or beside the first checkpoint)")
     p.add_argument("--threshold", type=float, default=0.98, help="minimum averaged confidence (default 0.98)")
@@ -364,15 +370,15 @@ def _pseudo_args(p: argparse.ArgumentParser) -> None:
 def _run_pseudo(a: argparse.Namespace) -> int:
     first = Path(a.sources[0]).expanduser()
     out = a.out or (first if first.is_dir() else first.parent) / "pseudo_labels.csv"
-    r = pseudo_label(a.sources, a.images, out=out, threshold=a.threshold, tta=a.tta, overwrite=a.overwrite,
-                     batch_size=a.batch_size, device=a.device)
+    r = pseudo_label(a.sources, resolve_auto(a.images, "test"), out=out, threshold=a.threshold, tta=a.tta,
+                     overwrite=a.overwrite, batch_size=a.batch_size, device=a.device)
     print(format_result(r))
     return 0
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("cv_dirs", nargs="+", metavar="CV_DIR", help="finished `vitforge cv` directories of the same data")
-    p.add_argument("--images", help="folder of test images to predict (omit to only compare the rules out-of-fold)")
+    p.add_argument("--images", help=f"{IMAGES_HELP}; omit to only compare the rules out-of-fold")
     p.add_argument("--out", help="CSV to write (with --images)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--method", choices=METHODS, default="stack",
@@ -393,7 +399,8 @@ def _run_stack(a: argparse.Namespace) -> int:
     fmt = _csv_format(a) if a.out else None
     if a.out:
         check_output(a.out, overwrite=a.overwrite)  # before the models run
-    r = stack_predict(a.cv_dirs, a.images, method=a.method, C=a.C, kind=a.features, batch_size=a.batch_size,
+    images = a.images and resolve_auto(a.images, "test")
+    r = stack_predict(a.cv_dirs, images, method=a.method, C=a.C, kind=a.features, batch_size=a.batch_size,
                       device=a.device)
     c = r["comparison"]
     if a.json:

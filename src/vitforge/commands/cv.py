@@ -28,11 +28,13 @@ import numpy as np
 
 from vitforge.config import Config, load_config, to_dict
 from vitforge.data import open_data
+from vitforge.data.inputs import AUTO, resolve_auto
 from vitforge.errors import ConfigError
 from vitforge.eval.ensemble import predict_ensemble
 from vitforge.eval.metrics import label_metrics
 from vitforge.eval.tta import check_tta_name
 from vitforge.progress import duration
+from vitforge.runtime import release_memory
 from vitforge.train.trainer import Trainer
 
 log = logging.getLogger("vitforge")
@@ -90,6 +92,8 @@ class CrossValidation:
         if cfg.data.val:
             raise ConfigError("data.val: cross-validation holds out its own folds; unset data.val")
         check_tta_name(tta)  # before fold 0 trains, not when its out-of-fold predictions are made
+        if cfg.data.train == AUTO:  # resolved once (one line saying what), recorded in cv.json and every fold
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=resolve_auto(AUTO, "train")))
         self.cfg, self.folds, self.hooks, self.tta = cfg, folds, hooks, tta
         self.dir = Path(cv_dir) if cv_dir else default_cv_dir(cfg, folds)
         self.progress_path = self.dir / "progress.json"
@@ -153,7 +157,12 @@ class CrossValidation:
                     shutil.rmtree(run_dir)
                 trainer = Trainer(fold_config(self.cfg, self.dir, self.folds, k), hooks=self.hooks)
             trainer.fit()
-            if trainer.interrupted:
+            interrupted = trainer.interrupted
+            # The fold's model, optimizer, EMA, streams (device-cached images, worker processes) go before the
+            # next fold builds its own: without this a K-fold CV's memory grows by about a fold each time.
+            del trainer
+            release_memory()
+            if interrupted:
                 return None
         return self._oof(k, run_dir)
 
@@ -165,6 +174,8 @@ class CrossValidation:
         label_of = {val.source.ids[i]: int(val.labels[i]) for i in val.indices}
         labels = np.array([label_of[i] for i in pred["ids"]], dtype=np.int64)
         _write_oof(run_dir / "oof.csv", pred["ids"], k, labels, pred["probs"], pred["classes"])
+        del val
+        release_memory()  # the evaluation's model and stream
         summary = json.loads((run_dir / "summary.json").read_text())
         m = _metrics(labels, pred["probs"].argmax(1), len(pred["classes"]))
         return {"run": run_dir.name, **m, "best_val_top1": summary.get("best_val_top1"),

@@ -8,6 +8,7 @@ classes. Hyperspectral scenes (.mat/.npy) come in as a `FeatureSource` of patche
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from vitforge.config import DataConfig
 from vitforge.data.hyperspectral import load_hyperspectral
 from vitforge.data.images import ImageError, image_header
+from vitforge.data.inputs import AUTO, resolve_auto
 from vitforge.data.sources import (
     FileListSource,
     Source,
@@ -118,6 +120,8 @@ def open_hsi(cube: str, cfg: DataConfig) -> tuple[FeatureSource, np.ndarray, np.
 def open_data(cfg: DataConfig, *, cache_dir: Path | None = None) -> OpenedData:
     """Open the training (and validation) sources and split them. All path and class problems surface here."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir or default_cache_dir()
+    if cfg.train == AUTO:  # the training data under the platform's input directory (`vitforge.data.inputs`)
+        cfg = dataclasses.replace(cfg, train=resolve_auto(cfg.train, "train"))
     if is_hyperspectral(cfg.train):
         src, tr_idx, te_idx = open_hsi(cfg.train, cfg)
         if cfg.limit:

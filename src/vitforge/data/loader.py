@@ -11,12 +11,36 @@ given batch, which is what makes mid-epoch resume exact.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitforge.data.images import ImageError
+from vitforge.runtime import usable_cpus
+
+log = logging.getLogger("vitforge.data")
+
+
+_said: set[tuple[int, int]] = set()
+
+
+def effective_workers(requested: int) -> int:
+    """`data.num_workers` capped at the usable cores.
+
+    More worker processes than cores only time-slice one another (and the training step), and PyTorch's DataLoader
+    then warns that it "will create N worker processes in total" (`_check_worker_number_rationality`, which compares
+    with the affinity count; `usable_cpus` is never more than that), a warning a user cannot act on from vitforge.
+    The cap is logged once per (requested, usable) pair.
+    """
+    cores = usable_cpus()
+    n = min(max(0, requested), cores)
+    if n < requested and (requested, cores) not in _said:
+        _said.add((requested, cores))
+        log.info("data.num_workers=%d, but this process can use %d core(s): using %d DataLoader worker(s)",
+                 requested, cores, n)
+    return n
 
 
 def epoch_plan(
@@ -129,10 +153,15 @@ class SampleDataset(Dataset):
 
 
 class _PlanBatches:
-    """Batch sampler over an epoch plan; yields lists of (position, index, seed)."""
+    """Batch sampler over an epoch plan; yields lists of (position, index, seed).
+
+    It holds its loader through a weak reference: a strong one would close a cycle (loader -> DataLoader -> batch
+    sampler -> loader), and a loader in a cycle, with its persistent worker processes, would outlive its last user
+    until the next garbage collection instead of being freed (workers joined) when that user drops it.
+    """
 
     def __init__(self, loader: WorkerLoader):
-        self.loader = loader
+        self.loader = weakref.proxy(loader)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -158,9 +187,12 @@ class WorkerLoader(DeviceLoader):
         self.epoch, self.start_batch = 0, 0
         self.device = device
         self.bad: set[str] = set()
+        self.num_workers = effective_workers(num_workers)
         self.dl = DataLoader(
-            dataset, batch_sampler=_PlanBatches(self), num_workers=num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=False,
+            dataset, batch_sampler=_PlanBatches(self), num_workers=self.num_workers, pin_memory=device.type == "cuda",
+            # Workers live as long as the loader: started once, not again every epoch (the batch sampler runs in
+            # this process, so each epoch's plan and resume position still apply).
+            persistent_workers=self.num_workers > 0,
             # Its own generator: creating an iterator must not draw from the global RNG (exact mid-epoch resume).
             generator=torch.Generator().manual_seed(seed),
         )

@@ -193,10 +193,10 @@ def csv_source(path: Path) -> FileListSource:
     if not rows:
         raise DataError(f"{path}: CSV has no rows")
     cols = list(rows[0].keys())
-    fcol = _pick_column(cols, ("file", "filename", "image", "path", "id"), path, "file")
-    lcol = next((c for c in ("label", "class", "target", "class_name") if c in cols), None)
+    fcol = _pick_column(cols, CSV_FILE_COLUMNS, path, "file")
+    lcol = next((c for c in CSV_LABEL_COLUMNS if c in cols), None)
     root = path.parent
-    files = [str(root / r[fcol]) for r in rows]
+    files = csv_files(path, [r[fcol] for r in rows], fcol)
     if lcol is None:
         return FileListSource(files, [-1] * len(files), [], str(path), root=str(root))
     raw = [(r[lcol] or "").strip() for r in rows]
@@ -214,6 +214,45 @@ def csv_source(path: Path) -> FileListSource:
         classes = sorted(set(raw))
         labels = [classes.index(v) for v in raw]
     return FileListSource(files, labels, classes, str(path), root=str(root))
+
+
+CSV_FILE_COLUMNS = ("file", "filename", "image", "path", "id")
+CSV_LABEL_COLUMNS = ("label", "class", "target", "class_name")
+
+
+def csv_files(path: Path, entries: list[str], column: str) -> list[str]:
+    """The image paths a CSV's file column names: relative to the CSV when any entry is found there; otherwise (the
+    Kaggle layout: `train.csv` with `id,label` next to a `train/` folder, ids with or without the extension) looked
+    up by relative path, file name or file stem in the image folders beside the CSV, `<csv stem>/` first. An entry
+    found nowhere keeps its path next to the CSV and is reported as unreadable like any missing file.
+
+    Raises:
+        DataError: no entry is found next to the CSV or in any folder beside it (names the column and an entry).
+    """
+    root = path.parent
+    direct = [root / e for e in entries]
+    if any(p.exists() for p in direct[:1000]) or not entries:
+        return [str(p) for p in direct]
+    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=lambda d: (d.name != path.stem, d.name))
+    for folder in folders:
+        index = _image_index(folder)
+        found = [index.get(e.strip().replace("\\", "/")) for e in entries]
+        if any(found):
+            return [f or str(d) for f, d in zip(found, direct, strict=True)]
+    where = ", ".join(f"{d.name}/" for d in folders[:6]) or "no folders"
+    raise DataError(f"{path}: {column!r} entries such as {entries[0]!r} are neither files next to the CSV nor images "
+                    f"in the folders beside it ({where})")
+
+
+def _image_index(folder: Path) -> dict[str, str]:
+    """Every image under `folder` by relative path, file name and file stem (the first one wins a clash)."""
+    index: dict[str, str] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and is_image_file(p.name):
+            for key in (p.relative_to(folder).as_posix(), p.name, p.stem):
+                index.setdefault(key, str(p))
+    return index
 
 
 def cifar_batches(root: Path, split: str) -> ArraySource:

@@ -35,10 +35,16 @@ from vitforge.errors import CheckpointError, VitforgeError
 from vitforge.eval.loading import load_for_inference
 from vitforge.eval.members import auto_weights, expand_members
 from vitforge.eval.metrics import classification_metrics, format_metrics, topk_metrics
-from vitforge.eval.predict import autocast_factory, eval_batch_size, eval_stream_for, stream_for_split
+from vitforge.eval.predict import (
+    autocast_factory,
+    eval_batch_size,
+    eval_stream_for,
+    stream_for_split,
+    tta_forward_images,
+)
 from vitforge.eval.tta import check_tta_name, collect_probs_many, keep_views, trained_invariances, tta_views
 from vitforge.progress import Progress
-from vitforge.runtime import inference_device
+from vitforge.runtime import inference_device, prepare_cpu_inference, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,8 @@ def run_models(checkpoints, data: str | Split, *, labeled: bool, tta: str = "non
         CheckpointError: a model's classes differ from the first one's (named).
     """
     dev = inference_device(device) if isinstance(device, str) else device
+    if dev.type == "cpu":
+        prepare_cpu_inference()  # threads <= usable cores; freed activations kept for the next pass
     outputs: list[ModelOutput] = []
     group: list[tuple[torch.nn.Module, dict]] = []
     first: dict | None = None
@@ -116,14 +124,20 @@ def run_models(checkpoints, data: str | Split, *, labeled: bool, tta: str = "non
         if group and (meta["preprocess"] != group[0][1]["preprocess"] or len(group) == MAX_SHARED):
             outputs += _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
             group = []
+            release_memory()  # that group's models and stream, before more are loaded
         group.append((model, meta))
-    return outputs + _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
+        del model
+    outputs += _run_group(group, data, labeled=labeled, tta=tta, batch_size=batch_size, device=dev)
+    del group
+    release_memory()
+    return outputs
 
 
 def _run_group(loaded: list[tuple[torch.nn.Module, dict]], data: str | Split, *, labeled: bool, tta: str,
                batch_size: int | None, device: torch.device) -> list[ModelOutput]:
     meta = loaded[0][1]
-    bs = batch_size or eval_batch_size(device, int(meta["preprocess"]["img_size"]))
+    img_size = int(meta["preprocess"]["img_size"])
+    bs = batch_size or eval_batch_size(device, img_size)
     if isinstance(data, Split):
         stream = stream_for_split(meta, data, batch_size=bs, device=device)
     else:
@@ -141,7 +155,8 @@ def _run_group(loaded: list[tuple[torch.nn.Module, dict]], data: str | Split, *,
     desc = f"{names}{f' x{len(loaded)}' if len(loaded) > 1 else ''}" + (f" ({n_views} views)" if n_views > 1 else "")
     with Progress(desc, total=len(stream.ids), unit="img") as bar:
         probs, labels, idx = collect_probs_many([m for m, _ in loaded], views, stream,
-                                                autocast=autocast_factory(device), progress=bar)
+                                                autocast=autocast_factory(device), progress=bar,
+                                                max_images=tta_forward_images(device, img_size, bs))
     ids = [stream.ids[i] for i in idx.tolist()]
     return [ModelOutput(m["path"], m["model_name"], list(m["classes"]), ids, labels.cpu().numpy(), plain.cpu().numpy(),
                         avg.cpu().numpy(), stream.bad) for (_, m), (plain, avg) in zip(loaded, probs, strict=True)]

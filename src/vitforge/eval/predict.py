@@ -43,6 +43,22 @@ def eval_batch_size(device: torch.device, img_size: int) -> int:
     return min(ACCEL_BATCH, 1 << (n.bit_length() - 1))
 
 
+CPU_PASS_PIXELS = 12 * 224 * 224  # pixels per forward pass of stacked TTA views on a CPU (see tta_forward_images)
+
+
+def tta_forward_images(device: torch.device, img_size: int, batch_size: int) -> int:
+    """Images per forward pass when TTA views are stacked (`vitforge.eval.tta.tta_probs`): the batch itself on an
+    accelerator (one view per pass); on a CPU about twelve 224-px images (three views of the default 4-image batch).
+
+    Measured on 2 cores, EfficientNet-Lite0 at 224 px, saccadic12 on a batch of 4 (`benchmarks/eval_cpu.py
+    --passes`): user CPU 16.7 s with one view per pass, 9.7 s with twelve images per pass (48 per pass was about as
+    fast but faults more memory in); twelve bounds a pass's memory at three default CPU batches.
+    """
+    if device.type != "cpu":
+        return batch_size
+    return max(batch_size, CPU_PASS_PIXELS // max(1, img_size * img_size))
+
+
 def eval_stream_for(meta: dict, data: str, *, labeled: bool, batch_size: int, device: torch.device,
                     num_workers: int = 2):
     """An evaluation stream over `data` preprocessed the way the checkpoint's model expects.
