@@ -30,7 +30,7 @@ from _results import save_result  # noqa: E402
 from vitforge.config import parse_duration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.parquet"
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.parquet"  # beside the checkout (git worktrees: --cifar)
 
 
 def cases(cifar: Path) -> dict[str, list[str]]:

@@ -358,17 +358,21 @@ def _time_validation(p) -> float:
 
 
 def _time_saves(p, run_dir) -> tuple[float, float]:
-    """Writing last.pt (model, optimizer, EMA, RNG states) and best.pt (weights) as the run writes them
-    (`save_checkpoint`: provenance, temporary file, rename), to a probe file that is removed afterwards."""
+    """Writing last.pt (model, optimizer, EMA, RNG states) and best.pt (weights) as the run writes them: the payload
+    built (the config as a dict, the state dicts) and saved (`save_checkpoint`: provenance, temporary file, rename),
+    to a probe file that is removed afterwards."""
     probe = run_dir / "checkpoints" / ".budget-probe.pt"
-    common = {"config": to_dict(p.cfg), "classes": p.classes, "preprocess": p.pre.to_dict()}
-    full = {**common, "model": p.raw_model.state_dict(), "optimizer": p.optimizer.state_dict(),
-            "ema": p.ema.state_dict() if p.ema is not None else None, "rng": rng_state()}
+
+    def common() -> dict:
+        return {"config": to_dict(p.cfg), "classes": p.classes, "preprocess": p.pre.to_dict(),
+                "model": p.raw_model.state_dict()}
+
     out = []
     try:
-        for payload in (full, {**common, "model": full["model"]}):
+        for payload in (lambda: {**common(), "optimizer": p.optimizer.state_dict(), "rng": [rng_state()],
+                                 "ema": p.ema.state_dict() if p.ema is not None else None}, common):
             t0 = clock()
-            save_checkpoint(probe, payload)
+            save_checkpoint(probe, payload())
             out.append(clock() - t0)
     finally:
         probe.unlink(missing_ok=True)
