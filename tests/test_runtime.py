@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     empty_on_1 = runtime.gather_cat(torch.ones(2 if rank == 0 else 0, 3))
     total = runtime.all_reduce_sum(torch.tensor([rank + 1.0]))
     objs = runtime.gather_objects({"rank": rank})
+    decided = runtime.broadcast_object({"steps": 100 + rank})  # rank 0's decision everywhere
     bn = nn.BatchNorm1d(2)
     bn.running_mean.fill_(float(rank) + 5)
     bn.num_batches_tracked.fill_(rank)
@@ -110,7 +112,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     runtime.cleanup()
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "info": [info.rank, info.world, info.local_rank], "gathered": gathered.tolist(),
-        "empty_on_1": list(empty_on_1.shape), "total": total.item(), "objs": objs,
+        "empty_on_1": list(empty_on_1.shape), "total": total.item(), "objs": objs, "decided": decided,
         "bn_mean": bn.running_mean.tolist(), "bn_count": bn.num_batches_tracked.item(),
         "still_initialized": dist.is_initialized()}))
 
@@ -125,7 +127,7 @@ def test_process_group_helpers_over_two_gloo_ranks(tmp_path):
     for r in (r0, r1):  # every rank gets the same, complete answer
         assert r["gathered"] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [10.0, 10.0]]  # uneven lengths, rank order
         assert r["empty_on_1"] == [2, 3] and r["total"] == 3.0
-        assert r["objs"] == [{"rank": 0}, {"rank": 1}]
+        assert r["objs"] == [{"rank": 0}, {"rank": 1}] and r["decided"] == {"steps": 100}
         assert r["bn_mean"] == [5.0, 5.0] and not r["still_initialized"]  # float buffers from rank 0
     assert (r0["bn_count"], r1["bn_count"]) == (0, 1)  # integer buffers are left alone
 
@@ -151,3 +153,13 @@ def test_prepare_cpu_inference_caps_threads_and_keeps_freed_memory(monkeypatch):
         assert runtime.prepare_cpu_inference()["threads"] == 1  # a lower setting the caller chose is kept
     finally:
         torch.set_num_threads(before)
+
+
+def test_process_age_counts_from_the_process_start():
+    """The CLI's train.budget counts start-up too: a process that waits before importing vitforge reports an age that
+    includes the wait (the kernel's start time, not the import time)."""
+    code = "import time; time.sleep(0.6); from vitforge import runtime; print(runtime.process_age())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out) >= 0.6
+    assert runtime.broadcast_object({"steps": 3}) == {"steps": 3}  # no process group: the object itself
+    runtime.synchronize(torch.device("cpu"))  # nothing queued on a CPU

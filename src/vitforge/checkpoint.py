@@ -55,6 +55,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "scaler": ((dict, NoneType), False),
     "progress": ((dict,), False),
     "rng": ((dict, list), False),
+    "budget": ((dict, NoneType), False),
     "metrics": ((dict, NoneType), False),
     "provenance": ((dict,), False),
 }

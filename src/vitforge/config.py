@@ -149,6 +149,24 @@ def _epoch_or_fraction(key: str, value: float | None) -> None:
                "must be an epoch (a whole number) or a fraction of train.epochs in (0, 1)")
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m(?:in)?)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(value: str | float, key: str = "train.budget") -> float:
+    """Seconds of a duration: a number of seconds (900, "900", "12.5") or hours/minutes/seconds ("90s", "15m",
+    "2h", "1h30m", "1.5h"). Anything else, or a duration that is not > 0, is a `ConfigError` naming `key`."""
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        secs = float(text)
+    except ValueError:
+        m = _DURATION.fullmatch(text)
+        secs = -1.0 if m is None or not any(m.groups()) else (
+            3600 * float(m.group(1) or 0) + 60 * float(m.group(2) or 0) + float(m.group(3) or 0))
+    if not (secs > 0 and math.isfinite(secs)):
+        raise ConfigError(f"{key}: {value!r} is not a duration > 0: seconds (900) or 90s, 15m, 2h, 1h30m")
+    return secs
+
+
 def epoch_at(value: float, epochs: int) -> int:
     """An epoch given as a whole number (0-based epoch) or as a fraction in (0, 1) of `epochs` (rounded up)."""
     return int(value) if value == 0 or value >= 1 else math.ceil(value * epochs - 1e-9)
@@ -425,14 +443,20 @@ class TrainConfig:
     """Training epochs."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (quick runs); None = all epochs."""
+    budget: str | None = None
+    """Wall-clock budget of the whole run, setup, compilation and evaluations included: seconds (900) or 90s, 15m,
+    2h, 1h30m. The run measures its speed over its first steps, then replaces train.epochs (and train.max_steps, which
+    then only caps the plan) by the number of steps that ends inside the budget; every schedule (warmup, lr decay,
+    EMA ramp, fractions of the run) follows that plan, which last.pt keeps for resume (`vitforge.train.budget`).
+    None = no budget."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
     clip_grad: float | None = None
     """Clip the global gradient norm to this value."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy targets."""
-    smoothing_off_epoch: int | None = None
-    """From this epoch (0-based) on, no label smoothing."""
+    smoothing_off_epoch: float | None = None
+    """From this epoch (0-based) on, or from this fraction of train.epochs when in (0, 1), no label smoothing."""
     amp: str = "auto"
     """Mixed precision: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or off."""
     compile: str = "off"
@@ -470,6 +494,9 @@ class TrainConfig:
         _check("train.epochs", self.epochs >= 1, "must be >= 1")
         if self.max_steps is not None:
             _check("train.max_steps", self.max_steps >= 1, "must be >= 1")
+        if self.budget is not None:
+            parse_duration(self.budget, "train.budget")
+        _epoch_or_fraction("train.smoothing_off_epoch", self.smoothing_off_epoch)
         _check("train.grad_accum", self.grad_accum >= 1, "must be >= 1")
         if self.clip_grad is not None:
             _check("train.clip_grad", self.clip_grad > 0, "must be > 0")
@@ -490,6 +517,11 @@ class TrainConfig:
             _check("train.ckpt_every_steps", self.ckpt_every_steps >= 1, "must be >= 1")
         _check("train.head_epochs", 0 <= self.head_epochs < self.epochs, "must be in [0, train.epochs)")
         _choice("train.class_balance", self.class_balance, ("none", "weights", "sampler"))
+
+    @property
+    def budget_seconds(self) -> float | None:
+        """`budget` in seconds (None without a budget)."""
+        return None if self.budget is None else parse_duration(self.budget, "train.budget")
 
 
 @dataclass

@@ -7,12 +7,15 @@ import contextlib
 import gc
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from vitforge.errors import ConfigError
+
+_IMPORTED = time.monotonic()  # fallback start of the process where the OS does not say (imported early by the CLI)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,42 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     for b in module.buffers():
         if b.is_floating_point():
             dist.broadcast(b, src=src)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (picklable plain data: a decision taken once, e.g. the train.budget plan);
+    `obj` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on `device` is done (CUDA, MPS), so that a clock read afterwards measures it; a
+    no-op on the CPU, which runs each op before returning."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), from the kernel's process
+    start time on Linux (/proc/self/stat field 22, in clock ticks since boot, against /proc/uptime); elsewhere the
+    time since `vitforge.runtime` was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        if 0 <= age < 10 * 365 * 86400:
+            return age
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return time.monotonic() - _IMPORTED
 
 
 def barrier() -> None:

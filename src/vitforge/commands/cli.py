@@ -36,6 +36,7 @@ from vitforge.progress import DEFAULT_EVERY, MODES
 from vitforge.progress import configure as configure_progress
 from vitforge.resources import RECIPES, find_recipe
 from vitforge.serve import Limits, ServeOptions, serve
+from vitforge.train.budget import process_start
 from vitforge.train.trainer import Trainer
 from vitforge.version import __version__
 
@@ -63,7 +64,7 @@ def _run_train(a: argparse.Namespace) -> int:
     if a.resume:
         if recipe:
             raise VitforgeError(f"give either a recipe or --resume, not both (got {recipe})")
-        return _fit(Trainer(resume=a.resume, overrides=overrides))
+        return _fit(Trainer(resume=a.resume, overrides=overrides, started=process_start()))
     if recipe is None and not overrides:
         raise VitforgeError("train needs a recipe YAML (e.g. recipes/cifar10/minivit.yaml), key=value overrides, "
                             "or --resume RUN")
@@ -81,7 +82,7 @@ def _run_train(a: argparse.Namespace) -> int:
         if cfg.model.pretrained in ("hub", *NAMED_WEIGHTS):
             print(f"# pretrained: {cfg.model.pretrained} (not downloaded in a dry run)")
         return 0
-    return _fit(Trainer(cfg))
+    return _fit(Trainer(cfg, started=process_start()))  # train.budget counts from the process start
 
 
 def _fit(trainer) -> int:
@@ -101,7 +102,7 @@ def _run_demo(a: argparse.Namespace) -> int:
 
     cfg = load_config(RECIPES / "demo.yaml", a.overrides)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, started=process_start())
     try:
         run = trainer.fit()
     finally:
@@ -346,7 +347,7 @@ def _run_cv(a: argparse.Namespace) -> int:
         raise VitforgeError("cv needs a recipe YAML or key=value overrides (e.g. data.train=data/train)")
     cfg = load_config(find_recipe(recipe) if recipe else None, overrides)
     configure_progress(mode=cfg.run.progress)  # the out-of-fold predictions follow run.progress, as training does
-    cv = CrossValidation(cfg, a.folds, tta=a.tta)
+    cv = CrossValidation(cfg, a.folds, tta=a.tta, started=process_start())
     summary = cv.run()
     if summary is None:
         return 130

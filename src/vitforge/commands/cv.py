@@ -11,6 +11,12 @@ labels, K and `data.split_seed`), so every fold can also be resumed, evaluated o
 
 A rerun of the same command skips the folds listed in progress.json, resumes an unfinished fold from its
 `last.pt`, and starts the remaining ones. The default directory name has no timestamp for that reason.
+
+`train.budget` is the budget of the whole CV, not of each fold: a user has one wall-clock for the command (a Kaggle
+kernel's 9 hours), and only the CV knows what else it spends (opening the data, each fold's out-of-fold
+predictions). Each fold gets an equal share of what is left when it starts, (budget - spent) / folds left, less the
+last fold's out-of-fold prediction time, and plans its steps inside that (`vitforge.train.budget`); a fold that ends
+early or late changes the shares of the folds after it. The seconds of folds finished in an earlier session count.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from vitforge.eval.metrics import label_metrics
 from vitforge.eval.tta import check_tta_name
 from vitforge.progress import duration
 from vitforge.runtime import release_memory
+from vitforge.train import budget
 from vitforge.train.trainer import Trainer
 
 log = logging.getLogger("vitforge")
@@ -86,9 +93,12 @@ class CrossValidation:
         cv_dir: where the folds go (default `default_cv_dir`).
         hooks: passed to every fold's `Trainer` (`on_step(trainer)`).
         tta: test-time augmentation of the out-of-fold predictions (`vitforge.eval.tta`).
+        started: the `vitforge.train.budget.clock()` reading a `train.budget` counts from (default: now).
     """
 
-    def __init__(self, cfg: Config, folds: int, *, cv_dir: str | Path | None = None, hooks=None, tta: str = "none"):
+    def __init__(self, cfg: Config, folds: int, *, cv_dir: str | Path | None = None, hooks=None, tta: str = "none",
+                 started: float | None = None):
+        self.started = budget.clock() if started is None else started
         if cfg.data.val:
             raise ConfigError("data.val: cross-validation holds out its own folds; unset data.val")
         check_tta_name(tta)  # before fold 0 trains, not when its out-of-fold predictions are made
@@ -129,11 +139,13 @@ class CrossValidation:
         self._start()
         start, trained = time.monotonic(), 0
         todo = sum(str(k) not in self.progress()["done"] for k in range(self.folds))
+        self.earlier_s = sum(float(r.get("seconds") or 0.0) for r in self.progress()["done"].values())
+        self.oof_s = 0.0  # the last fold's out-of-fold prediction time (reserved in the next fold's budget)
         for k in range(self.folds):
             if str(k) in self.progress()["done"]:
                 _say(f"fold {k + 1}/{self.folds}: done earlier, skipped")
                 continue
-            result = self._run_fold(k)
+            result = self._run_fold(k, todo - trained)
             if result is None:
                 self.interrupted = True
                 _say(f"fold {k + 1}/{self.folds} interrupted; rerun the same command to resume it")
@@ -146,16 +158,33 @@ class CrossValidation:
                  f"macro-F1 {result['macro_f1']:.4f} ({result['n']} images); {duration(spent)} elapsed{left}")
         return self._summarise()
 
-    def _run_fold(self, k: int) -> dict | None:
+    def spent(self) -> float:
+        """Seconds this CV has taken: folds finished in earlier sessions, and this session."""
+        return self.earlier_s + budget.clock() - self.started
+
+    def fold_budget(self, left: int) -> float:
+        """train.budget of the next fold when `left` folds are still to train (see the module docstring)."""
+        total, spent = self.cfg.train.budget_seconds, self.spent()
+        share = (total - spent) / left - self.oof_s
+        if share <= 0:
+            raise ConfigError(f"train.budget: {self.cfg.train.budget} for the whole {self.folds}-fold CV is spent "
+                              f"({spent:.0f} s) with {left} fold(s) to train; give more time")
+        return share
+
+    def _run_fold(self, k: int, left: int) -> dict | None:
         run_dir = self.dir / f"fold_{k}"
+        t0 = budget.clock()
         if not (run_dir / "summary.json").exists():
             if (run_dir / "checkpoints" / "last.pt").exists():
                 _say(f"fold {k + 1}/{self.folds}: resuming {run_dir}")
-                trainer = Trainer(resume=run_dir, hooks=self.hooks)
+                trainer = Trainer(resume=run_dir, hooks=self.hooks, started=t0)  # a budget keeps its stored plan
             else:
                 if run_dir.exists():  # started but killed before its first checkpoint: nothing to keep
                     shutil.rmtree(run_dir)
-                trainer = Trainer(fold_config(self.cfg, self.dir, self.folds, k), hooks=self.hooks)
+                cfg = fold_config(self.cfg, self.dir, self.folds, k)
+                if cfg.train.budget is not None:  # the fold's share of the CV's budget, counted from now
+                    cfg.train.budget = f"{self.fold_budget(left):.2f}"
+                trainer = Trainer(cfg, hooks=self.hooks, started=t0)
             trainer.fit()
             interrupted = trainer.interrupted
             # The fold's model, optimizer, EMA, streams (device-cached images, worker processes) go before the
@@ -164,7 +193,10 @@ class CrossValidation:
             release_memory()
             if interrupted:
                 return None
-        return self._oof(k, run_dir)
+        t1 = budget.clock()
+        result = self._oof(k, run_dir)
+        self.oof_s = budget.clock() - t1
+        return {**result, "seconds": budget.clock() - t0}
 
     def _oof(self, k: int, run_dir: Path) -> dict:
         """Predict fold k's held-out images with its best checkpoint; write fold_<k>/oof.csv; fold metrics."""
@@ -201,6 +233,9 @@ class CrossValidation:
                    "per_fold": per_fold, "oof_csv": str(self.dir / "oof.csv"),
                    "runs": [str(self.dir / f["run"]) for f in per_fold],
                    "wall_seconds": float(sum(f.get("wall_seconds") or 0.0 for f in per_fold))}
+        if self.cfg.train.budget is not None:
+            summary["budget"] = {"budget": self.cfg.train.budget, "budget_s": self.cfg.train.budget_seconds,
+                                 "actual_s": self.spent(), "fold_seconds": [f.get("seconds") for f in per_fold]}
         (self.dir / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         o = summary["overall"]
         _say(f"{self.folds}-fold CV: out-of-fold accuracy {o['accuracy']:.2f}% (per fold "

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from vitforge import runtime as D
 from vitforge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from vitforge.config import Config, load_config, to_dict
+from vitforge.config import Config, epoch_at, load_config, to_dict
 from vitforge.data.sources import NAMED_SOURCES
 from vitforge.errors import CheckpointError, ConfigError, VitforgeError
 from vitforge.eval.evaluate import collect_logits, evaluate
@@ -36,6 +36,7 @@ from vitforge.eval.metrics import label_metrics
 from vitforge.eval.verify import check_attention
 from vitforge.models.backbones import classifier_names
 from vitforge.train import sam
+from vitforge.train.budget import Budget
 from vitforge.train.ema import ema_decay_at
 from vitforge.train.oom import micro_batches
 from vitforge.train.optim import set_lr
@@ -65,10 +66,12 @@ class Trainer:
         overrides: `key=value` changes applied on resume (train.*, run.progress, ... only).
         hooks: optional object with `on_step(trainer)` called after each optimizer step (tests, callbacks).
         download: False skips initial weights that would be downloaded (dry runs).
+        started: the `vitforge.train.budget.clock()` reading train.budget counts from (default: before the run is
+            built; the CLI passes its process start, so that start-up and imports count too).
     """
 
     def __init__(self, cfg: Config | None = None, *, resume: str | Path | None = None, overrides=(), hooks=None,
-                 download: bool = True):
+                 download: bool = True, started: float | None = None):
         ckpt = load_checkpoint(resume, prefer="last") if resume is not None else None
         if ckpt is not None:
             cfg = _resume_config(ckpt, overrides)
@@ -76,6 +79,7 @@ class Trainer:
             assert cfg is not None
             cfg = absolute_paths(cfg)
         self.cfg = cfg
+        self.budget = Budget.for_run(cfg, ckpt, started)  # train.budget: None, or its clock and plan
         self.parts: TrainSetup = build(cfg, ckpt, download=download)
         self.resumed = ckpt is not None
         self.run: RunDir | None = RunDir(Path(ckpt["path"]).parent.parent) if ckpt else None
@@ -113,6 +117,8 @@ class Trainer:
             self._announce()
             p.oom.say = self.reporter.message  # the back-off's one line also reaches the terminal
             old_signals = _install_signal_handlers(self)
+            if self.budget is not None:  # measure the speed, fix train.epochs/max_steps to end inside the budget
+                self.budget.prepare(self)
             self._train()
         except StopRequested:
             self._save_last()
@@ -137,7 +143,6 @@ class Trainer:
         """The epoch loop, and inside it one optimizer step, top to bottom."""
         p, cfg, st = self.parts, self.cfg, self.parts.state
         t = cfg.train
-        params = [q for g in p.optimizer.param_groups for q in g["params"]]
         # Summed loss·batch not yet read back (reading it every step would synchronise with the device).
         loss_acc = torch.zeros((), device=p.device, dtype=p.acc_dtype)
 
@@ -163,29 +168,7 @@ class Trainer:
                 set_lr(p.optimizer, p.lr_for(st.step))
                 if st.step == 0 and not st.seen and t.verify_attention and p.dist.main:
                     _verify_attention(p.raw_model, window[0][0], self.run.path)
-                loss_acc += self._forward_backward(window)  # grads accumulated over the window, under autocast
-                skip = False
-                if cfg.optim.sam_rho > 0:  # SAM (train/sam.py): gradients again at w + e(w), then back to w
-                    if p.scaler is not None and not sam.grads_finite(params):  # fp16 overflow: skip, back off
-                        p.scaler.update(new_scale=p.scaler.get_scale() * p.scaler.get_backoff_factor())
-                        skip = True
-                    else:  # e(w) does not depend on the loss scale: fp16 gradients are used as they are
-                        eps = sam.perturb(params, cfg.optim.sam_rho, cfg.optim.sam_adaptive)
-                        p.optimizer.zero_grad(set_to_none=True)
-                        with sam.frozen_norm_stats(p.raw_model):  # BN running statistics count each batch once
-                            self._forward_backward(window)
-                        sam.restore(params, eps)
-                if not skip:
-                    if p.scaler is not None:
-                        p.scaler.unscale_(p.optimizer)
-                    if t.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-                    if p.scaler is not None:
-                        p.scaler.step(p.optimizer)  # skipped (and the scale backed off) on inf/NaN gradients
-                        p.scaler.update()
-                    else:
-                        p.optimizer.step()
-                p.optimizer.zero_grad(set_to_none=True)
+                loss_acc += self.optimizer_step(window)  # forward/backward (SAM: twice), clipping, optimizer step
                 st.step, st.batch = st.step + 1, st.batch + len(window)
                 st.seen += sum(x.shape[0] for x, _ in window)
                 if p.ema is not None and st.step % cfg.ema.every == 0:
@@ -215,6 +198,36 @@ class Trainer:
                 self.reporter.message(f"early stop: no better val top-1 for {t.early_stop} evaluations")
                 break
         self._finish()
+
+    def optimizer_step(self, window: list) -> torch.Tensor:
+        """One optimizer step over the window's micro-batches; returns the summed loss·batch (on the device). The loop
+        runs it, and so does train.budget's speed measurement (`train/budget.py`)."""
+        p, cfg = self.parts, self.cfg
+        params = [q for g in p.optimizer.param_groups for q in g["params"]]
+        loss = self._forward_backward(window)  # grads accumulated over the window, under autocast
+        skip = False
+        if cfg.optim.sam_rho > 0:  # SAM (train/sam.py): gradients again at w + e(w), then back to w
+            if p.scaler is not None and not sam.grads_finite(params):  # fp16 overflow: skip, back off
+                p.scaler.update(new_scale=p.scaler.get_scale() * p.scaler.get_backoff_factor())
+                skip = True
+            else:  # e(w) does not depend on the loss scale: fp16 gradients are used as they are
+                eps = sam.perturb(params, cfg.optim.sam_rho, cfg.optim.sam_adaptive)
+                p.optimizer.zero_grad(set_to_none=True)
+                with sam.frozen_norm_stats(p.raw_model):  # BN running statistics count each batch once
+                    self._forward_backward(window)
+                sam.restore(params, eps)
+        if not skip:
+            if p.scaler is not None:
+                p.scaler.unscale_(p.optimizer)
+            if cfg.train.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad)
+            if p.scaler is not None:
+                p.scaler.step(p.optimizer)  # skipped (and the scale backed off) on inf/NaN gradients
+                p.scaler.update()
+            else:
+                p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def _forward_backward(self, window: list) -> torch.Tensor:
         """Gradients of the window's mean loss, accumulated over its micro-batches (DDP syncs on the last one only);
@@ -301,7 +314,8 @@ class Trainer:
                    "scaler": p.scaler.state_dict() if p.scaler is not None else None,
                    "ema": p.ema.state_dict() if p.ema is not None else None,
                    "eval_weights": "ema" if (p.ema is not None and self.cfg.ema.eval) else "model",
-                   "progress": asdict(p.state), "rng": rng, "oom": p.oom.state_dict()}
+                   "progress": asdict(p.state), "rng": rng, "oom": p.oom.state_dict(),
+                   "budget": self.budget.state_dict() if self.budget is not None else None}
         save_checkpoint(self.run.last, payload)
         D.barrier()
 
@@ -350,6 +364,8 @@ class Trainer:
             summary["ddp_weight_checksums"] = checks
         if best is not None:
             summary["best_val_metrics"] = best
+        if self.budget is not None:  # budget_s, planned_s, actual_s, the plan
+            summary["budget"] = self.budget.summary()
         self.run.write_summary(summary)
         best = f"best val top-1 {st.best_top1:.2f}% (epoch {st.best_epoch + 1})" if st.best_top1 >= 0 else "no val"
         self.reporter.message(f"done: {best}, {st.wall:.1f} s training | {self.run.path}")
@@ -442,8 +458,8 @@ def _resume_config(ckpt: dict, overrides) -> Config:
 
 
 def smoothing_at(epoch: int, tcfg) -> float:
-    off = tcfg.smoothing_off_epoch
-    return 0.0 if off is not None and epoch >= off else tcfg.label_smoothing
+    off = tcfg.smoothing_off_epoch  # an epoch, or a fraction of train.epochs
+    return 0.0 if off is not None and epoch >= epoch_at(off, tcfg.epochs) else tcfg.label_smoothing
 
 
 def _peak_mem_mb(device: torch.device) -> float:
