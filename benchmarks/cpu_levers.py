@@ -18,7 +18,8 @@ drift or a burst of foreign load hits both sides of a ratio alike.
 autocast built by the same `Trainer`, stepping over batches taken from the same stream beforehand (no data work
 while timed): the ratio is the share of the floor speed the whole pipeline keeps.
 
-Results are merged into benchmarks/results/cpu_levers_<device>.json under the lever's name (each with its
+Every measurement runs in a fresh process (process-wide settings such as threads and malloc start from their
+defaults). Results are merged into benchmarks/results/cpu_levers_<device>.json under the lever's name (each with its
 settings), so runs for separate levers accumulate.
 """
 
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +42,7 @@ from _results import RESULTS_DIR, save_result  # noqa: E402
 
 from vitforge import runtime as D  # noqa: E402
 from vitforge.config import load_config  # noqa: E402
+from vitforge.models.layers import attention  # noqa: E402
 from vitforge.resources import find_recipe  # noqa: E402
 from vitforge.train.optim import set_lr  # noqa: E402
 from vitforge.train.trainer import Trainer  # noqa: E402
@@ -55,8 +58,11 @@ LEVERS: dict[str, tuple[list[str], list[str]]] = {
     "amp_bf16": (["train.amp=off"], ["train.amp=bf16"]),
     "channels_last": (["train.channels_last=false"], ["train.channels_last=true"]),
     "fused_adamw": (["optim.fused=false"], ["optim.fused=true"]),
-    "attn_impl": (["model.args.attn_impl=sdpa"], ["model.args.attn_impl=manual"]),
+    # attention under dropout on a CPU: PyTorch's SDPA math fallback vs our manual path (models/layers/attention.py)
+    "attn_cpu_dropout": (["--torch-sdpa-on-cpu"], []),
     "compile": (["train.compile=off"], ["train.compile=default"]),
+    # glibc keeps freed blocks below 32 MiB in the process (runtime.prepare_cpu_inference's malloc setting)
+    "malloc_keep": ([], ["--keep-freed-memory"]),
     "floor": ([], []),  # before: the hand loop; after: the trainer (same settings)
 }
 CHEAP = [k for k in LEVERS if k != "compile"]
@@ -146,26 +152,50 @@ def run_floor(args, extra: list[str], run_dir: str) -> dict:
     return out
 
 
+def child(args) -> None:
+    """One measurement in this (fresh) process; prints its result as the last line."""
+    spec = json.loads(args.child)
+    flags = [o for o in spec if o.startswith("--")]
+    overrides = [o for o in spec if not o.startswith("--")]
+    if "--keep-freed-memory" in flags:
+        D._keep_freed_memory()
+    if "--torch-sdpa-on-cpu" in flags:
+        attention.MANUAL_FOR_CPU_DROPOUT = False
+    fn = run_floor if "--floor" in flags else run_trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        out = fn(args, overrides, tmp)
+    print("RESULT " + json.dumps(out))
+
+
+def run_child(args, spec: list[str]) -> dict:
+    """A measurement in a fresh process: process-wide settings (threads, malloc) start from PyTorch's defaults."""
+    cmd = [sys.executable, __file__, "--data", args.data, "--limit", str(args.limit), "--batch", str(args.batch),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--set", *args.set, "--child", json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if res.returncode or not lines:
+        raise RuntimeError(f"measurement {spec} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def measure(lever: str, args) -> dict:
     before, after = LEVERS[lever]
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     ratios, cpu_ratios = [], []
-    threads0 = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            order = ("before", "after") if r % 2 == 0 else ("after", "before")
-            got = {}
-            for side in order:
-                extra = before if side == "before" else after
-                fn = run_floor if (lever == "floor" and side == "before") else run_trainer
-                got[side] = fn(args, extra, tmp)
-                torch.set_num_threads(threads0)  # train.threads changes this process's setting
-                runs[side].append(got[side])
-                g = got[side]
-                print(f"{lever} {side}: {g['img_per_s']:.1f} img/s, {g['cpu_ms_per_img']:.1f} CPU ms/img "
-                      f"(first steps {g['first_s']:.1f} s)", flush=True)
-            ratios.append(got["after"]["img_per_s"] / got["before"]["img_per_s"])
-            cpu_ratios.append(got["before"]["cpu_ms_per_img"] / got["after"]["cpu_ms_per_img"])
+    for r in range(args.repeats):
+        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        got = {}
+        for side in order:
+            spec = before if side == "before" else after
+            if lever == "floor" and side == "before":
+                spec = [*spec, "--floor"]
+            got[side] = run_child(args, spec)
+            runs[side].append(got[side])
+            g = got[side]
+            print(f"{lever} {side}: {g['img_per_s']:.1f} img/s, {g['cpu_ms_per_img']:.1f} CPU ms/img "
+                  f"(first steps {g['first_s']:.1f} s)", flush=True)
+        ratios.append(got["after"]["img_per_s"] / got["before"]["img_per_s"])
+        cpu_ratios.append(got["before"]["cpu_ms_per_img"] / got["after"]["cpu_ms_per_img"])
 
     def summary(rs: list[dict]) -> dict:
         v = [x["img_per_s"] for x in rs]
@@ -181,7 +211,7 @@ def measure(lever: str, args) -> dict:
             "cpu_ratio_before_over_after": round(statistics.median(cpu_ratios), 3),
             "settings": {"recipe": RECIPE, "limit": args.limit, "batch": args.batch, "warmup": args.warmup,
                          "steps": args.steps, "repeats": args.repeats, "set": args.set,
-                         "usable_cpus": D.usable_cpus(), "torch_threads": threads0}}
+                         "usable_cpus": D.usable_cpus(), "torch_threads": torch.get_num_threads()}}
 
 
 def merge(name: str, new: dict) -> dict:
@@ -202,6 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="before/after pairs per lever (alternating order)")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for both sides of every lever")
     ap.add_argument("--out", default="cpu_levers_cpu")
+    ap.add_argument("--run-timeout", type=float, default=900, help="seconds allowed for one measurement")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON list: overrides and flags
     args = ap.parse_args(argv)
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (the clock starts at the end of a step)")
@@ -210,6 +242,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.child is not None:
+        child(args)
+        return
     new = {}
     for lever in args.levers:
         new[lever] = measure(lever, args)

@@ -223,10 +223,18 @@ def prepare_cpu_inference() -> dict:
 
     Returns {"threads": int, "malloc": bool}: what is in effect.
     """
+    return {"threads": cap_cpu_threads(), "malloc": _keep_freed_memory()}
+
+
+def cap_cpu_threads() -> int:
+    """Lower PyTorch's intra-op threads to the usable cores (`usable_cpus`) when it uses more, never raise them;
+    returns the count in effect. PyTorch starts with the machine's core count, which in a container with a CPU quota
+    or under `taskset` runs more threads than there are cores: they time-slice one another, and OpenMP's barriers
+    wait on descheduled threads."""
     cores = usable_cpus()
     if torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
-    return {"threads": torch.get_num_threads(), "malloc": _keep_freed_memory()}
+    return torch.get_num_threads()
 
 
 def _keep_freed_memory() -> bool:

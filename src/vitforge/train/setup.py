@@ -103,6 +103,8 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
     trackers = build_trackers(cfg, main=dist.main)  # first: a tracker package that is missing fails fast
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif device.type == "cpu":
+        D.cap_cpu_threads()  # no more intra-op threads than usable cores (affinity, cgroup quota)
     seed_everything(t.seed)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
