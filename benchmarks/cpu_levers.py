@@ -66,6 +66,9 @@ LEVERS: dict[str, tuple[list[str], list[str]]] = {
     "floor": ([], []),  # before: the hand loop; after: the trainer (same settings)
 }
 CHEAP = [k for k in LEVERS if k != "compile"]
+# Levers that can be switched between two optimizer steps of one process: measured also step by step, alternating
+# A B A B ... over the same model, optimizer and batches (noise cancels far better than between runs minutes apart).
+STEP_LEVERS = ("attn_cpu_dropout", "amp_bf16")
 
 
 def cpu_seconds() -> float:
@@ -152,6 +155,41 @@ def run_floor(args, extra: list[str], run_dir: str) -> dict:
     return out
 
 
+def run_step_interleaved(args, lever: str, run_dir: str) -> dict:
+    """Per-step alternation of a lever's two settings inside one training process (model step only: batches are
+    taken from the stream beforehand). Returns the median over pairs of time(before) / time(after)."""
+    trainer = Trainer(config(args, [], run_dir))
+    p = trainer.parts
+    p.train_stream.set_epoch(0, 0, p.cfg.train.label_smoothing)
+    batches = [(x, y) for x, y, _ in p.train_stream][: args.step_pairs * 2 + 2]
+    p.model.train()
+
+    def step(x, y, after: bool) -> float:
+        attention.MANUAL_FOR_CPU_DROPOUT = after or lever != "attn_cpu_dropout"
+        amp = D.autocast(p.device, torch.bfloat16) if (lever == "amp_bf16" and after) else p.autocast()
+        t = time.perf_counter()
+        with amp:
+            loss = p.criterion(p.model(x), y, x)
+        loss.backward()
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    step(*batches[0], False), step(*batches[1], True)  # warm-up of both settings
+    ratios, secs = [], {"before": [], "after": []}
+    for i in range(2, len(batches) - 1, 2):
+        first_after = (i // 2) % 2 == 1  # alternate which goes first
+        a = step(*batches[i], first_after)
+        b = step(*batches[i + 1], not first_after)
+        tb, ta = (b, a) if first_after else (a, b)
+        secs["before"].append(tb), secs["after"].append(ta)
+        ratios.append(tb / ta)
+    return {"ratio_after_over_before": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+            "step_s_before": [round(x, 3) for x in secs["before"]],
+            "step_s_after": [round(x, 3) for x in secs["after"]],
+            "settings": {"batch": args.batch, "pairs": len(ratios)}}
+
+
 def child(args) -> None:
     """One measurement in this (fresh) process; prints its result as the last line."""
     spec = json.loads(args.child)
@@ -161,9 +199,11 @@ def child(args) -> None:
         D._keep_freed_memory()
     if "--torch-sdpa-on-cpu" in flags:
         attention.MANUAL_FOR_CPU_DROPOUT = False
-    fn = run_floor if "--floor" in flags else run_trainer
     with tempfile.TemporaryDirectory() as tmp:
-        out = fn(args, overrides, tmp)
+        if "--step-interleaved" in flags:
+            out = run_step_interleaved(args, overrides[0], tmp)
+        else:
+            out = (run_floor if "--floor" in flags else run_trainer)(args, overrides, tmp)
     print("RESULT " + json.dumps(out))
 
 
@@ -224,7 +264,7 @@ def merge(name: str, new: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="CIFAR-10 train.parquet (the recipe's data.train)")
-    ap.add_argument("--levers", nargs="+", default=CHEAP, choices=list(LEVERS))
+    ap.add_argument("--levers", nargs="*", default=CHEAP, choices=list(LEVERS))
     ap.add_argument("--limit", type=int, default=3000, help="training images (stratified subset)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
@@ -232,6 +272,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="before/after pairs per lever (alternating order)")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for both sides of every lever")
     ap.add_argument("--out", default="cpu_levers_cpu")
+    ap.add_argument("--step-levers", nargs="*", default=[], choices=STEP_LEVERS,
+                    help="also measure these levers step by step, alternating inside one process")
+    ap.add_argument("--step-pairs", type=int, default=6, help="alternating step pairs for --step-levers")
     ap.add_argument("--run-timeout", type=float, default=900, help="seconds allowed for one measurement")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON list: overrides and flags
     args = ap.parse_args(argv)
@@ -246,6 +289,9 @@ def main(argv=None) -> None:
         child(args)
         return
     new = {}
+    for lever in args.step_levers:
+        new[f"{lever}/step_interleaved"] = run_child(args, ["--step-interleaved", lever])
+        print(f"== {lever} (step by step): after/before = {new[lever + '/step_interleaved']}", flush=True)
     for lever in args.levers:
         new[lever] = measure(lever, args)
         print(f"== {lever}: after/before = {new[lever]['ratio_after_over_before']:.3f} {new[lever]['ratios']}",
