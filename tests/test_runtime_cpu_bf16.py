@@ -1,4 +1,4 @@
-"""bf16 on a CPU: detected from cpuinfo, never chosen by `auto`, and an explicit request on a CPU without it is named."""
+"""bf16 on a CPU: read from cpuinfo, never chosen by `auto`, an explicit request without it is named."""
 
 from __future__ import annotations
 
