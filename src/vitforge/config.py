@@ -476,7 +476,8 @@ class TrainConfig:
     deterministic: bool = False
     """Ask PyTorch for deterministic algorithms (slower on GPU)."""
     threads: int | None = None
-    """CPU intra-op threads (torch.set_num_threads); None keeps PyTorch's default."""
+    """CPU intra-op threads (torch.set_num_threads); None = PyTorch's default, capped on a CPU run at the cores this
+    process may use (affinity, cgroup quota)."""
     ckpt_every_steps: int | None = None
     """Also save last.pt every this many optimizer steps inside an epoch (long epochs)."""
     ckpt_every_epochs: int = 1

@@ -103,6 +103,8 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
     trackers = build_trackers(cfg, main=dist.main)  # first: a tracker package that is missing fails fast
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif device.type == "cpu":
+        D.cap_cpu_threads()  # no more intra-op threads than usable cores (affinity, cgroup quota)
     seed_everything(t.seed)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -131,9 +133,12 @@ def build(cfg: Config, ckpt: dict | None = None, *, download: bool = True) -> Tr
             raise ConfigError(f"train.grad_checkpointing: model {cfg.model.name!r} does not support it")
         model.set_grad_checkpointing(True)
     amp_dtype = D.amp_dtype(t.amp, device)
+    notes: list[str] = []
+    if device.type == "cpu" and amp_dtype == torch.bfloat16 and not D.cpu_has_bf16():
+        notes.append("train.amp=bf16 on a CPU without native bf16 (avx512_bf16/amx_bf16): emulated, usually slower "
+                     "than train.amp=off")
     shape = _input_shape(data.train.source, pre.img_size)
     _probe_input(model, shape, device, amp_dtype, cfg)
-    notes: list[str] = []
     if cfg.data.batch_size == "auto":  # resolved once: config.yaml and every checkpoint hold the number
         cfg.data.batch_size = auto_batch_size(
             model, lambda: build_optimizer(param_groups(model, cfg.optim), cfg.optim, device), shape, len(classes),

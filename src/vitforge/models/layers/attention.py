@@ -3,6 +3,13 @@
 `impl="manual"` computes softmax(Q K^T / sqrt(d)) V explicitly (the attention matrix exists and can be inspected);
 `impl="sdpa"` calls `torch.nn.functional.scaled_dot_product_attention`, which picks a fused flash/efficient kernel
 where one exists. Both read the same `qkv`/`proj` weights (timm's key layout), so a model can switch paths at any time.
+
+Training on a CPU with attention dropout, `sdpa` takes the manual path: PyTorch has no fused CPU kernel with dropout
+and runs its unfused math form there (`_scaled_dot_product_attention_math`: the same products, softmax and one
+`dropout` call on the probabilities, drawing the same random numbers), plus passes that guard fully masked rows
+(`isneginf`, `all`, `where`), which our unmasked softmax does not need. Same function, same dropout draws; the
+outputs agree to float rounding (tests/models/layers/test_attention_cpu_dropout.py). `benchmarks/cpu_levers.py`
+measures the step (`attn_cpu_dropout`).
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IMPLS = ("manual", "sdpa")
+# `sdpa` training on a CPU with attention dropout runs the manual path (see the module docstring); False restores
+# PyTorch's math fallback (benchmarks/cpu_levers.py compares the two).
+MANUAL_FOR_CPU_DROPOUT = True
 
 
 class Attention(nn.Module):
@@ -65,12 +75,13 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, num_queries)  # (B, h, Nq, d), (B, h, N, d), (B, h, N, d)
         if num_queries is not None and attn_bias is not None:
             attn_bias = attn_bias[..., :num_queries, :]
-        if self.impl == "manual" or self.record is not None:
+        p = self.attn_drop.p if self.training else 0.0
+        cpu_dropout = MANUAL_FOR_CPU_DROPOUT and p > 0 and q.device.type == "cpu"
+        if self.impl == "manual" or self.record is not None or cpu_dropout:
             o = self._manual(q, k, v, attn_bias)
         else:
             if attn_bias is not None:
                 attn_bias = attn_bias.to(q.dtype)
-            p = self.attn_drop.p if self.training else 0.0
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
         o = o.transpose(1, 2).reshape(B, q.shape[2], D)  # (B, h, Nq, d) -> (B, Nq, D)
         return self.proj_drop(self.proj(o))
