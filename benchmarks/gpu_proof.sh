@@ -14,8 +14,8 @@
 # and gpu_proof.log (everything printed) beside them. Results keep hardware, versions, command, date and the commit
 # (benchmarks/gpu_carry/COMMIT, written by --prepare, since the device copy of the tree has no git).
 #
-# The bare machine has torch, torchvision, timm, pyarrow, scikit-learn, matplotlib, pyyaml; omegaconf is missing and
-# travels as a wheel (installed with --no-index into a private folder). vitforge itself runs from this tree's src/ (the
+# The bare machine has torch, torchvision, timm, pyarrow, scikit-learn, matplotlib, pyyaml; omegaconf and the fastapi
+# stack the CLI imports are missing and travel as wheels (installed with --no-index into a private folder). vitforge itself runs from this tree's src/ (the
 # copy that travels is always the current code). The device tool must carry the git-ignored folder:
 #   run(command="bash benchmarks/gpu_proof.sh", carry=["benchmarks/gpu_carry"], timeout_s=600)
 set -euo pipefail
@@ -45,9 +45,18 @@ if [ "$MODE" = prepare ]; then
   src=${DATA:-$REPO/../shared/data/cifar10/train.parquet}
   [ -f "$src" ] || { echo "gpu_proof.sh --prepare: $src not found (pass --data PARQUET)" >&2; exit 2; }
   rm -rf "$CARRY" && mkdir -p "$CARRY/wheels" "$CARRY/cifar10"
-  omegaconf=$(grep -i '^omegaconf==' requirements/lock.txt)
+  # absent from the GPU image (the device tool's package list): omegaconf (config), and what `vitforge train` imports
+  # through the CLI's serve verb (fastapi and its stack); typing-extensions new enough for that pydantic. Versions from
+  # requirements/lock.txt.
+  pins=()
+  for name in omegaconf fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn \
+              python-multipart opentelemetry-api anyio typing_extensions; do
+    pin=$(grep -i "^${name}==" requirements/lock.txt) || { echo "no pin for $name in requirements/lock.txt" >&2; exit 1; }
+    pins+=("$pin")
+  done
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$CARRY/wheels" "$omegaconf"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$CARRY/wheels" "${pins[@]}"
   cp "$src" "$CARRY/cifar10/train.parquet"
   git rev-parse HEAD > "$CARRY/COMMIT"
   tree=$(git ls-files -z -co --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
@@ -77,12 +86,13 @@ export PYTHONPATH=$REPO/src${PYTHONPATH:+:$PYTHONPATH}
 : > "$LOG"
 say() { echo "[gpu_proof $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
-if ! "$PYTHON" -c "import omegaconf" 2>/dev/null; then
+if ! "$PYTHON" -c "import omegaconf, fastapi, uvicorn, multipart" 2>/dev/null; then
   ls "$CARRY"/wheels/*.whl >/dev/null 2>&1 || { say "omegaconf missing and no wheels: run --prepare first"; exit 2; }
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
     "$CARRY"/wheels/*.whl >>"$LOG" 2>&1
   export PYTHONPATH=$PYTHONPATH:$WORK/site
   say "installed $(ls "$CARRY/wheels" | tr '\n' ' ')"
+  "$PYTHON" -c "import omegaconf, fastapi, uvicorn, multipart" >>"$LOG" 2>&1 || say "the carried wheels do not import"
 fi
 [ -f "$DATA" ] || { say "no data at $DATA (--prepare copies it, or pass --data)"; exit 2; }
 "$PYTHON" -c "import torch, vitforge; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"

@@ -537,7 +537,9 @@ def run_vitforge(args, budget: float, work: Path) -> dict:
             seen[p["epoch"]] = p
         clock = Clock(time.time(), offset)
         cmd = base + ["--resume", str(run_dir)] + [o for o in state["main_overrides"] if o.startswith("train.")]
-    else:
+    else:  # a fresh start (a main run killed before its first checkpoint starts over: that time is not counted)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        state = {"elapsed": 0.0, "sessions": []}
         clock = Clock(time.time(), 0.0)
         overrides = vitforge_overrides(args, work, "run")
         if args.vitforge_mode == "epochs":
@@ -595,6 +597,7 @@ def probe_vitforge(args, work: Path, env: dict, clock: Clock) -> dict:
     overrides += [f"data.limit={steps * args.batch}", "train.epochs=2", "train.eval_every=1",
                   "schedule.warmup_epochs=0"]
     seen: dict[int, dict] = {}
+    shutil.rmtree(work / "probe", ignore_errors=True)
     start = clock()
     rc = watch([sys.executable, "-m", "vitforge", "train", str(args.recipe), *overrides], env, work / "probe", clock,
                work / "vitforge_probe.log", seen)
