@@ -375,8 +375,12 @@ def probe(b: Baseline, val: tuple, args, clock: Clock) -> dict:
         b.train_step(*batch())
     sync(b.device)
     t1 = clock()
-    for _ in range(args.probe_steps):
+    n = 0
+    while n < args.probe_steps or clock() - t1 < args.probe_fraction * args.budget:  # at least 1.5% of the budget
         b.train_step(*batch())
+        n += 1
+        if n % 5 == 0:  # the clock sees the device work now and then
+            sync(b.device)
     sync(b.device)
     t2 = clock()
     evaluate(b, *val, args.eval_batch)  # compiles the eval graph when compiled
@@ -388,8 +392,8 @@ def probe(b: Baseline, val: tuple, args, clock: Clock) -> dict:
     del it
     b.raw.load_state_dict(model_state)
     b.optimizer.load_state_dict(opt_state)
-    return {"warmup_steps": args.probe_warmup, "warmup_s": round(t1 - t, 3), "steps": args.probe_steps,
-            "step_s": (t2 - t1) / args.probe_steps, "eval_s": eval_s, "probe_s": round(clock() - t, 3)}
+    return {"warmup_steps": args.probe_warmup, "warmup_s": round(t1 - t, 3), "steps": n, "step_s": (t2 - t1) / n,
+            "eval_s": eval_s, "probe_s": round(clock() - t, 3)}
 
 
 def run_baseline(args) -> None:
@@ -447,7 +451,7 @@ def run_baseline(args) -> None:
             if step >= plan["steps"]:
                 done_epoch = False
                 break
-            if clock() + step_s + eval_s > budget:  # the plan was optimistic: stop inside the budget
+            if clock() + step_s + eval_s > budget * (1 - args.margin / 2):  # the plan was optimistic: stop in time
                 cut, done_epoch = step, False
                 break
             loss_sum += b.train_step(x, y)
@@ -491,9 +495,10 @@ def vitforge_overrides(args, work: Path, name: str) -> list[str]:
     return o + list(args.vitforge_set)
 
 
-def watch(cmd: list[str], env: dict, run_dir: Path, clock: Clock, log: Path, seen: dict[int, dict]) -> int:
-    """Run `cmd`; stamp each new metrics.jsonl record (by epoch) with the clock when it appears. Returns the exit
-    status."""
+def watch(cmd: list[str], env: dict, run_dir: Path, clock: Clock, log: Path, seen: dict[int, dict],
+          on_record=None) -> int:
+    """Run `cmd`; stamp each new metrics.jsonl record (by epoch) with the clock when it appears (`on_record()` after
+    each). Returns the exit status."""
     metrics = run_dir / "metrics.jsonl"
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -501,10 +506,11 @@ def watch(cmd: list[str], env: dict, run_dir: Path, clock: Clock, log: Path, see
             rc = proc.poll()
             if metrics.is_file():
                 for line in metrics.read_text().splitlines():
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    seen.setdefault(rec["epoch"], {**rec, "seconds": round(clock(), 3)})
+                    rec = json.loads(line) if line.strip() else None
+                    if rec is not None and rec["epoch"] not in seen:
+                        seen[rec["epoch"]] = {**rec, "seconds": round(clock(), 3)}
+                        if on_record is not None:
+                            on_record()
             if rc is not None:
                 return rc
             time.sleep(0.2)
@@ -519,36 +525,36 @@ def child_env(work: Path) -> dict:
 def run_vitforge(args, budget: float, work: Path) -> dict:
     """One (vitforge, budget) run: returns the run record (points, plan, wall seconds)."""
     state_path = work / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"elapsed": 0.0, "sessions": []}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     env = child_env(work)
     base = [sys.executable, "-m", "vitforge", "train"]
     run_dir = work / "run"
-    seen: dict[int, dict] = {}
-    last = run_dir / "checkpoints" / "last.pt"
-    save = lambda: state_path.write_text(json.dumps(state, indent=2) + "\n")  # noqa: E731
-    if last.is_file() and state.get("main_overrides"):  # an interrupted main run: continue it
+    seen: dict[int, dict] = {}  # epoch -> its metrics record, stamped
+
+    def save() -> None:
+        state["records"] = [seen[e] for e in sorted(seen)]
+        state_path.write_text(json.dumps(state, indent=2) + "\n")
+
+    if (run_dir / "checkpoints" / "last.pt").is_file() and state.get("main_overrides"):  # continue a killed run
         from vitforge.checkpoint import load_checkpoint
 
-        done = load_checkpoint(run_dir, prefer="last")["progress"]["epoch"]
-        kept = [p for p in state.get("points", []) if p["epoch"] < done]
-        state["points"] = kept
-        offset = kept[-1]["seconds"] if kept else state["main_started_s"]
-        for p in kept:
-            seen[p["epoch"]] = p
-        clock = Clock(time.time(), offset)
+        done = load_checkpoint(run_dir, prefer="last")["progress"]["epoch"]  # epochs its last.pt holds
+        seen.update({r["epoch"]: r for r in state.get("records", []) if r["epoch"] < done})
+        # the time through its last checkpoint counts (saved right after that epoch's record); the rest is lost
+        clock = Clock(time.time(), seen[max(seen)]["seconds"] if seen else state["main_started_s"])
         cmd = base + ["--resume", str(run_dir)] + [o for o in state["main_overrides"] if o.startswith("train.")]
     else:  # a fresh start (a main run killed before its first checkpoint starts over: that time is not counted)
         shutil.rmtree(run_dir, ignore_errors=True)
-        state = {"elapsed": 0.0, "sessions": []}
+        state = {"sessions": []}
         clock = Clock(time.time(), 0.0)
         overrides = vitforge_overrides(args, work, "run")
         if args.vitforge_mode == "epochs":
             pr = probe_vitforge(args, work, env, clock)
             state["probe"] = pr
             left = budget - clock() - args.margin * budget
-            per_epoch = pr["steps_per_epoch"] * pr["step_s"]
+            per_epoch = pr["steps_per_epoch"] * pr["step_s"] + pr["epoch_extra_s"]
             epochs = 1
-            for e in range(1, 10_000):  # the most epochs whose run (evaluations included) fits what is left
+            for e in range(1, 100_000):  # the most epochs whose run (evaluations included) fits what is left
                 k = eval_every(e, args.eval_points)
                 evals = e // k + (0 if e % k == 0 else 1)
                 if pr["setup_s"] + pr["compile_extra_s"] + e * per_epoch + evals * pr["eval_s"] > left:
@@ -566,14 +572,12 @@ def run_vitforge(args, budget: float, work: Path) -> dict:
         state["main_overrides"] = overrides
         state["main_started_s"] = round(clock(), 3)
         cmd = base + [str(args.recipe)] + overrides
-        save()
     state["sessions"].append({"resumed": "--resume" in cmd, "started_s": round(clock(), 3)})
     save()
-    rc = watch(cmd, env, run_dir, clock, work / "vitforge.log", seen)
+    rc = watch(cmd, env, run_dir, clock, work / "vitforge.log", seen, save)
     end = clock()
+    save()
     if rc != 0:
-        state["points"] = [p for p in seen.values()]
-        save()
         tail = (work / "vitforge.log").read_text()[-2000:]
         raise SystemExit(f"vitforge train exited with {rc}; log {work / 'vitforge.log'}:\n{tail}")
     records = [seen[e] for e in sorted(seen)]
@@ -589,28 +593,29 @@ def run_vitforge(args, budget: float, work: Path) -> dict:
 
 
 def probe_vitforge(args, work: Path, env: dict, clock: Clock) -> dict:
-    """Two short epochs of a few batches through the same CLI (same decode cache as the real run): setup seconds,
-    the first epoch's extra (compilation), seconds per step, seconds per evaluation."""
+    """Three short epochs of a few batches through the same CLI (same decode cache as the real run), evaluating only
+    after the third: setup seconds, the first epoch's extra (compilation), seconds per step, the per-epoch cost
+    outside the steps (checkpoint, epoch start), seconds per evaluation."""
     steps = max(args.probe_steps, 2)
-    overrides = vitforge_overrides(args, work, "probe")
-    overrides = [o for o in overrides if not o.startswith("data.limit=")]
-    overrides += [f"data.limit={steps * args.batch}", "train.epochs=2", "train.eval_every=1",
+    overrides = [o for o in vitforge_overrides(args, work, "probe") if not o.startswith("data.limit=")]
+    overrides += [f"data.limit={steps * args.batch}", "train.epochs=3", "train.eval_every=3",
                   "schedule.warmup_epochs=0"]
     seen: dict[int, dict] = {}
     shutil.rmtree(work / "probe", ignore_errors=True)
     start = clock()
     rc = watch([sys.executable, "-m", "vitforge", "train", str(args.recipe), *overrides], env, work / "probe", clock,
                work / "vitforge_probe.log", seen)
-    if rc != 0 or len(seen) < 2:
+    if rc != 0 or len(seen) < 3:
         raise SystemExit(f"the vitforge probe failed (exit {rc}); see {work / 'vitforge_probe.log'}")
-    e1, e2 = seen[0], seen[1]
-    steps1, steps2 = e1["step"], e2["step"] - e1["step"]
-    step_s = e2["epoch_seconds"] / steps2
-    eval_s = max(0.0, (e2["seconds"] - e1["seconds"]) - e2["epoch_seconds"])
-    spe = len(split_indices_from(args)) // args.batch  # the trainer drops the last partial batch
-    return {"steps_per_epoch": spe, "step_s": step_s, "eval_s": eval_s,
-            "setup_s": max(0.0, e1["seconds"] - start - e1["epoch_seconds"] - eval_s),
-            "compile_extra_s": max(0.0, e1["epoch_seconds"] - steps1 * step_s), "probe_s": round(clock() - start, 3)}
+    e1, e2, e3 = seen[0], seen[1], seen[2]
+    step_s = (e2["epoch_seconds"] + e3["epoch_seconds"]) / (e3["step"] - e1["step"])
+    extra = max(0.0, (e2["seconds"] - e1["seconds"]) - e2["epoch_seconds"])
+    eval_s = max(0.0, (e3["seconds"] - e2["seconds"]) - e3["epoch_seconds"] - extra)
+    return {"steps_per_epoch": len(split_indices_from(args)) // args.batch,  # the trainer drops a last partial batch
+            "step_s": step_s, "epoch_extra_s": extra, "eval_s": eval_s,
+            "setup_s": max(0.0, e1["seconds"] - start - e1["epoch_seconds"]),
+            "compile_extra_s": max(0.0, e1["epoch_seconds"] - e1["step"] * step_s),
+            "probe_s": round(clock() - start, 3)}
 
 
 def split_indices_from(args) -> np.ndarray:
@@ -661,7 +666,7 @@ def worker_argv(args) -> list[str]:
             str(args.batch), "--eval-batch", str(args.eval_batch), "--val-split", str(args.val_split),
             "--workers", str(args.workers), "--baseline-compile", "on" if args.compile_baselines else "off",
             "--eval-points", str(args.eval_points), "--probe-steps", str(args.probe_steps), "--probe-warmup",
-            str(args.probe_warmup), "--margin", str(args.margin)]
+            str(args.probe_warmup), "--probe-fraction", str(args.probe_fraction), "--margin", str(args.margin)]
     if args.subset:
         argv += ["--subset", str(args.subset)]
     if args.threads:
@@ -748,9 +753,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile for timm / plain (auto: on CUDA only)")
     p.add_argument("--eval-points", type=int, default=5, help="about this many evaluations per run (+ the last)")
-    p.add_argument("--probe-steps", type=int, default=None, help="timed probe steps (CPU 4, CUDA 30)")
+    p.add_argument("--probe-steps", type=int, default=None, help="timed probe steps, at least (CPU 4, CUDA 30)")
+    p.add_argument("--probe-fraction", type=float, default=0.015, help="timed probe steps last this share of the "
+                   "budget at least")
     p.add_argument("--probe-warmup", type=int, default=None, help="probe steps before timing (CPU 1, CUDA 10)")
-    p.add_argument("--margin", type=float, default=0.01, help="fraction of the budget kept free")
+    p.add_argument("--margin", type=float, default=0.02,
+                   help="share of the budget kept free (process exit, timing noise)")
     p.add_argument("--vitforge-mode", choices=("budget", "epochs"), default="budget",
                    help="budget: train.budget=B; epochs: train.epochs from a probe run (builds without train.budget)")
     p.add_argument("--vitforge-set", action="append", default=[], metavar="KEY=VALUE",
