@@ -629,6 +629,7 @@ def split_indices_from(args) -> np.ndarray:
 def run_one(args, contestant: str, budget: float, work: Path) -> dict:
     """Run (or continue) one contestant for one budget in fresh child processes; its record."""
     work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]  # a shared machine shows here
     if contestant == "vitforge":
         rec = run_vitforge(args, budget, work)
         settings = {"mode": args.vitforge_mode, "overrides": rec.pop("overrides")}
@@ -654,7 +655,8 @@ def run_one(args, contestant: str, budget: float, work: Path) -> dict:
     rec.update(contestant=contestant, budget_s=budget, settings=settings,
                budget_used=round(rec["wall_s"] / budget, 4),
                final_top1=pts[-1]["val_top1"] if pts else None, top1_within_budget=within[-1] if within else None,
-               img_per_s_end_to_end=round(rec["images"] / rec["wall_s"], 1))
+               img_per_s_end_to_end=round(rec["images"] / rec["wall_s"], 1),
+               loadavg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     for sub in ("decode_cache", "inductor_cache", "run/checkpoints", "probe"):  # large and no longer needed
         shutil.rmtree(work / sub, ignore_errors=True)
     (work / "ckpt.pt").unlink(missing_ok=True)
