@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+# VITFORGE_RESULTS_DIR redirects every benchmark's JSON (one folder for a device run, a temporary one for tests)
+RESULTS_DIR = Path(os.environ.get("VITFORGE_RESULTS_DIR") or REPO / "benchmarks" / "results")
 
 
 def hardware() -> dict:
@@ -52,18 +54,22 @@ def hardware() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD (+ `-dirty`), or VITFORGE_GIT_COMMIT where the tree is a copy without git (a device machine)."""
+    fallback = os.environ.get("VITFORGE_GIT_COMMIT") or "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent)
-        sha = out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0 or not out.stdout.strip():
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=RESULTS_DIR.parent).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+                               cwd=REPO).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
     except OSError:
-        return "unknown"
+        return fallback
 
 
 def save_result(name: str, results: dict, command: str | None = None) -> Path:
-    """Write `benchmarks/results/<name>.json` and return its path.
+    """Write `<RESULTS_DIR>/<name>.json` (`benchmarks/results/` unless VITFORGE_RESULTS_DIR says otherwise) and return
+    its path.
 
     Args:
         name: file stem; include the device kind (e.g. `scan_cpu`, `scan_h100`) so runs do not overwrite each other.

@@ -3,6 +3,8 @@ two pytest workers on two cores), a private cache directory, and small synthetic
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 
@@ -48,3 +50,24 @@ def cifar_parquet() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def write_cifar_like_parquet(path: Path, n: int = 160, classes: int = 10) -> Path:
+    """A Hugging Face image parquet (img struct {bytes, path} + label, class names in the schema metadata) of
+    32x32 JPEGs whose colour depends on the class."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % classes
+    rows = []
+    for i, k in enumerate(labels):
+        img = (rng.integers(0, 60, (32, 32, 3)) + k * 19).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        rows.append({"bytes": buf.getvalue(), "path": f"{k}/{i:04d}.jpg"})
+    names = [f"class{k}" for k in range(classes)]
+    meta = {"info": {"features": {"img": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}}
+    table = pa.table({"img": rows, "label": labels.astype(np.int64)})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), path)
+    return path
