@@ -114,6 +114,7 @@ if [ "$MODE" = smoke ]; then
   part vs_timm 150 "$PYTHON" benchmarks/vs_timm.py --device cpu --budgets 8 --contestants vitforge timm \
     --data "$DATA" --subset 96 --val-split 40 --batch 16 --eval-batch 100 --probe-steps 1 --probe-warmup 1 \
     --workers 1 --eval-points 1 --vitforge-mode "$VF_MODE" --vitforge-set train.compile=off \
+    --vitforge-set schedule.warmup_epochs=0 \
     --out vs_timm_cpu_smoke --workdir "$WORK/vs_timm"
   part train_throughput 60 "$PYTHON" benchmarks/train_throughput.py --device cpu --batch 4 --steps 1 --warmup 0 \
     --repeats 1 --out train_throughput_cpu_smoke
