@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from vitforge.runtime import synchronize as sync  # noqa: F401  (CUDA and MPS; the benchmarks' name)
+
 KNOWN_GPUS = ("h100", "h200", "a100", "l40", "l4", "a10")
 
 
@@ -13,9 +15,3 @@ def device_tag(device: torch.device) -> str:
         return device.type
     name = torch.cuda.get_device_name(device).lower()
     return next((k for k in KNOWN_GPUS if k in name), "cuda")
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (timings must include it)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
